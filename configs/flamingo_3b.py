@@ -1,0 +1,14 @@
+"""Flamingo-3B (DESIGN.md table): NFNet-F6 at 320px, 6-layer resampler, 24-layer Chinchilla-style LM (d=2048,
+16 heads), a GATED XATTN-DENSE block before every LM layer. Not sharded in the paper: data parallel here.
+
+    python -m flamingo_jax.tools.params --config=configs/flamingo_3b.py
+"""
+
+from flamingo_jax.config import base_config, chinchilla_lm
+
+
+def get_config(arg=None):
+    c = base_config()
+    c.model.lm = chinchilla_lm(num_layers=24, dim=2048, num_heads=16)
+    c.model.xattn.update(every=1, num_heads=16, head_dim=128)
+    return c

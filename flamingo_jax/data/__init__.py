@@ -1,0 +1,36 @@
+"""Input pipelines: raw sources -> TFDS builders (ArrayRecord) -> Grain loaders -> numpy batches.
+
+Public API (import the submodules; this package imports nothing heavy by itself):
+
+Tokenizer (`flamingo_jax.data.tokenizer`)
+  Tokenizer.from_path(path)     SentencePiece `.model` or Hugging Face `tokenizer.json` (local path).
+    .base_vocab_size            the tokenizer's own vocabulary; NUM_ADDED_TOKENS = 3 rows follow it:
+    .image_id = base_vocab_size (`<image>`), .eoc_id = base_vocab_size + 1 (`<|endofchunk|>`),
+    .pad_id = own pad id if any, else base_vocab_size + 2;  .bos_id (may be None), .eos_id, .vocab_size
+    .encode(text) -> list[int]  (literal `<image>`/`<|endofchunk|>` -> their ids), .decode(ids) -> str
+
+Builders (`flamingo_jax.data.builders`), one TFDS builder per kind, local sources only:
+  build(kind, source_dir, data_dir, overwrite=False) -> report   kind in {'interleaved', 'pairs', 'video'};
+    reuses a complete build, restarts an interrupted one; report = records written / skipped (by reason),
+    also saved as DATA_DIR/<builder>/1.0.0/build_report.json.  CLI: python -m flamingo_jax.data.builders.
+  Source formats: see `sources.py` (JSONL + image files, WebDataset tars, CSV, WebVid CSV + videos).
+
+Loaders (`flamingo_jax.data.loader`), Grain:
+  default_dataset_config(kind) -> ConfigDict        every per-dataset field with its default.
+  make_loader(ds_cfg, *, split, tokenizer, batch_size, image_size, seed, process_index, process_count,
+              train, num_epochs=None, worker_count=0) -> LoaderIterator
+    next() -> {media u8[B,M,T,S,S,3], media_mask bool[B,M], tokens i32[B,L], targets i32[B,L],
+               loss_mask f32[B,L], link_next bool[B]};  get_state() -> bytes (JSON), set_state(state);
+    .skipped / .metrics (load-time decode failures, batches, seconds waited in next()).
+  make_mixture(data_cfg, *, tokenizer, image_size, seed, process_index, process_count,
+               per_host_batch_sizes) -> {name: LoaderIterator};  make_eval_mixture(...) (one pass, eval split)
+  get_state(iterators) -> {name: str};  set_state(iterators, states)
+
+Synthetic data (`flamingo_jax.data.synthetic`):
+  python -m flamingo_jax.data.synthetic --out=DIR [--seed --num_train --num_eval --image_size --build]
+  prepare_synthetic(root, ...) -> {'tokenizer', 'data_dirs', 'reports'}   sources + builds, idempotent.
+  synthetic_data_config(root) -> data ConfigDict of the mixture 'm3w', 'ltip', 'align', 'vtp'.
+
+Lower level: `preprocess` (image/video decoding, resize/crop, augmentation, frame sampling), `examples`
+(token sequences: caption packing, interleaved windows), `sources` (raw format readers).
+"""

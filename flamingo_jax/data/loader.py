@@ -1,0 +1,350 @@
+"""Grain loaders: ArrayRecord (TFDS) -> decoded, tokenized, batched numpy examples for the trainer.
+
+One loader per dataset of the mixture (the trainer accumulates gradients over datasets, so each has its own
+batch). A batch is a dict of numpy arrays with leading dim B = per-host batch size:
+
+    media      uint8   [B, max_media, frames, S, S, 3]   empty slots all zero
+    media_mask bool    [B, max_media]                    True for real media, in `<image>` order
+    tokens     int32   [B, seq_len]                      inputs, pad_id padded
+    targets    int32   [B, seq_len]                      next tokens
+    loss_mask  float32 [B, seq_len]                      0 on padding targets and `<image>` targets
+    link_next  bool    [B]                               text linked to the next image (M3W, p_next)
+
+Determinism: the sampler's global index fixes both the record and its random stream (crop, flip, window,
+link_next), so a restored iterator state replays exactly, in any process.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import grain.python as grain
+import ml_collections
+import numpy as np
+from absl import flags
+
+from flamingo_jax.data import builders, examples, preprocess
+from flamingo_jax.data.tokenizer import Tokenizer
+
+KINDS = ("interleaved", "pairs", "video")
+
+
+def default_dataset_config(kind: str) -> ml_collections.ConfigDict:
+    """Per-dataset settings with their defaults (the paper's values for each kind)."""
+    if kind not in KINDS:
+        raise ValueError(f"Unknown dataset kind {kind!r}; expected one of {KINDS}.")
+    interleaved, video = kind == "interleaved", kind == "video"
+    return ml_collections.ConfigDict(
+        {
+            "kind": kind,
+            "data_dir": "",  # Builder output (ArrayRecord TFDS data dir).
+            "source_dir": "",  # Raw source (see sources.py); only used to build data_dir.
+            "train_split": "train",
+            "eval_split": "eval",
+            "weight": 1.0,  # lambda_m of the loss.
+            "batch_size": 8,  # Global batch size; per host = batch_size // process_count.
+            "seq_len": 256 if interleaved else 32,
+            "max_media": 5 if interleaved else 1,
+            "frames": 8 if video else 1,
+            "fps": 1.0,  # Video frame sampling rate.
+            "p_next": 0.5 if interleaved else 0.0,
+            "augment": True,  # Random flips + colour jitter (training only).
+            "flip_prob": 0.5,
+            "color_jitter": 0.1,  # Max relative change of brightness, contrast, saturation.
+            "resize": "pad",  # 'pad' (aspect kept, zero padded) or 'random_crop' (centre crop in eval).
+            "crop_max_scale": 1.15,  # random_crop: shorter side resized to S * U[1, crop_max_scale].
+            "add_bos": False,  # Prepend the tokenizer's BOS (LLaMA-style LMs expect one).
+            "read_threads": 4,  # Grain record-reading threads per process.
+            "prefetch_buffer_size": 64,
+            "worker_buffer_size": 2,  # Batches each worker process prepares ahead.
+        }
+    )
+
+
+def with_defaults(ds_cfg: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """`ds_cfg` with every field that it does not set taken from default_dataset_config(ds_cfg.kind)."""
+    cfg = default_dataset_config(ds_cfg["kind"])
+    for key, value in dict(ds_cfg).items():
+        if key in cfg:
+            cfg[key] = value
+        else:
+            with cfg.unlocked():
+                cfg[key] = value
+    return cfg
+
+
+class ToExample(grain.RandomMapTransform):
+    """A stored record -> one example (see module docstring), plus `_valid` (False: undecodable media)."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, tok: Tokenizer, image_size: int, train: bool):
+        self.kind, self.tok, self.size, self.train = cfg.kind, tok, int(image_size), bool(train)
+        self.seq_len, self.max_media, self.frames = int(cfg.seq_len), int(cfg.max_media), int(cfg.frames)
+        self.fps, self.p_next, self.add_bos = float(cfg.fps), float(cfg.p_next), bool(cfg.add_bos)
+        self.prep = {
+            "resize": cfg.resize,
+            "augment_": bool(cfg.augment),
+            "flip_prob": float(cfg.flip_prob),
+            "color_jitter": float(cfg.color_jitter),
+            "crop_max_scale": float(cfg.crop_max_scale),
+        }
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        media_rng = rng if self.train else None  # Evaluation: centre crops, no augmentation, centred clips.
+        media = np.zeros((self.max_media, self.frames, self.size, self.size, 3), np.uint8)
+        link_next = False
+        try:
+            if self.kind == "interleaved":
+                texts = [t.decode("utf-8") for t in element["texts"]]
+                ids, image_of = examples.document_ids(
+                    texts, [bool(x) for x in element["is_image"]], self.tok, self.add_bos
+                )
+                ids, images = examples.window(
+                    ids, image_of, self.seq_len, self.max_media, self.tok, media_rng
+                )
+                for slot, idx in enumerate(images):
+                    media[slot] = self._image(element["images"][idx], media_rng)
+                link_next = bool(rng.random() < self.p_next)
+            else:
+                caption = element["caption"].decode("utf-8")
+                ids = examples.caption_ids(caption, self.seq_len, self.tok, self.add_bos)
+                images = [0]
+                if self.kind == "video":
+                    frames = preprocess.decode_video(
+                        element["video"], self.frames, self.fps, media_rng, float(element["duration"])
+                    )
+                    media[0] = preprocess.preprocess_frames(frames, self.size, rng=media_rng, **self.prep)
+                else:
+                    media[0] = self._image(element["image"], media_rng)
+        except preprocess.MediaError:
+            # Storage corruption after a validated build: emit a row that contributes nothing, and count it.
+            return self._invalid()
+        out = examples.pack(ids, self.seq_len, self.tok)
+        out["media"] = media
+        out["media_mask"] = np.arange(self.max_media) < len(images)
+        out["link_next"] = np.bool_(link_next)
+        out["_valid"] = np.bool_(True)
+        return out
+
+    def _image(self, data: bytes, rng: np.random.Generator | None) -> np.ndarray:
+        img = preprocess.decode_image(data)[None]
+        img = preprocess.preprocess_frames(img, self.size, rng=rng, **self.prep)
+        return np.broadcast_to(img, (self.frames, *img.shape[1:]))  # One image = a video of one frame.
+
+    def _invalid(self) -> dict[str, np.ndarray]:
+        out = examples.pack([], self.seq_len, self.tok)
+        out["media"] = np.zeros((self.max_media, self.frames, self.size, self.size, 3), np.uint8)
+        out["media_mask"] = np.zeros(self.max_media, bool)
+        out["link_next"] = np.bool_(False)
+        out["_valid"] = np.bool_(False)
+        return out
+
+
+class LoaderIterator:
+    """A Grain DataLoader iterator plus load-time counters and an invariant check on every batch.
+
+    `get_state()` returns JSON bytes (Grain's own state and the counters) and `set_state()` restores them,
+    also in a fresh process, so that the following batches are exactly the ones the saved iterator would
+    have given. It also quacks like Grain's iterator for `grain.python.PyGrainCheckpointHandler`.
+    """
+
+    def __init__(self, loader: grain.DataLoader, *, name: str, image_id: int, num_records: int):
+        self.name = name
+        self.num_records = num_records  # Records in this host's shard of the split, one epoch.
+        self._loader = loader
+        self._image_id = image_id
+        self._it = iter(loader)
+        self.skipped = 0  # Records that failed to decode at load time (emitted fully masked).
+        self.batches = 0
+        self.wait_s = 0.0  # Time spent blocked in next(): the trainer's input-wait metric.
+
+    def __iter__(self) -> LoaderIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        batch = next(self._it)
+        self.wait_s += time.perf_counter() - t0
+        batch = dict(batch)
+        valid = np.asarray(batch.pop("_valid"))
+        self.skipped += int(np.sum(~valid))
+        self.batches += 1
+        n_img = np.sum(batch["tokens"] == self._image_id, axis=1)
+        if not np.array_equal(n_img, np.sum(batch["media_mask"], axis=1)):
+            raise RuntimeError(f"{self.name}: <image> tokens {n_img} do not match media_mask (a bug).")
+        return batch
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {"skipped": self.skipped, "batches": self.batches, "wait_s": self.wait_s}
+
+    def get_state(self) -> bytes:
+        return json.dumps(
+            {"grain": self._it.get_state().decode(), "skipped": self.skipped, "batches": self.batches}
+        ).encode()
+
+    def set_state(self, state: bytes | str) -> None:
+        state = json.loads(state)
+        self._it.set_state(state["grain"].encode())
+        self.skipped, self.batches = int(state["skipped"]), int(state["batches"])
+
+    def start_prefetch(self) -> None:
+        if hasattr(self._it, "start_prefetch"):
+            self._it.start_prefetch()
+
+
+def make_loader(
+    ds_cfg: Mapping[str, Any],
+    *,
+    split: str,
+    tokenizer: Tokenizer,
+    batch_size: int,
+    image_size: int,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    train: bool,
+    num_epochs: int | None = None,
+    worker_count: int = 0,
+) -> LoaderIterator:
+    """A batched iterator over this host's shard of one split of one dataset.
+
+    Training (train=True): globally shuffled by `seed`, repeated forever unless num_epochs is given, with
+    augmentation. Evaluation: file order, one pass (num_epochs=1 by default), deterministic preprocessing.
+    Each host reads a disjoint shard (Grain ShardOptions(process_index, process_count)); a pass reads
+    floor(N / process_count) records per host (Grain drops the remainder, so all hosts run equally many
+    steps). The last partial batch is dropped.
+    """
+    cfg = with_defaults(ds_cfg)
+    builder = builders.open_builder(cfg.kind, cfg.data_dir)
+    if split not in builder.info.splits:
+        raise ValueError(f"Split {split!r} not in {cfg.data_dir!r} (has {sorted(builder.info.splits)}).")
+    source = builder.as_data_source(split)
+    if not train and num_epochs is None:
+        num_epochs = 1
+    if worker_count > 0 and not flags.FLAGS.is_parsed():
+        # Grain workers read absl flags; a library caller may not have parsed them.
+        flags.FLAGS.mark_as_parsed()
+    shard = grain.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=False)
+    sampler = grain.IndexSampler(
+        num_records=len(source),
+        shard_options=shard,
+        shuffle=train,
+        num_epochs=num_epochs,
+        seed=int(seed) % 2**31,
+    )
+    loader = grain.DataLoader(
+        data_source=source,
+        sampler=sampler,
+        operations=[
+            ToExample(cfg, tokenizer, image_size, train),
+            grain.Batch(batch_size, drop_remainder=True),
+        ],
+        worker_count=worker_count,
+        worker_buffer_size=int(cfg.worker_buffer_size),
+        shard_options=shard,
+        read_options=grain.ReadOptions(
+            num_threads=int(cfg.read_threads), prefetch_buffer_size=int(cfg.prefetch_buffer_size)
+        ),
+    )
+    return LoaderIterator(
+        loader,
+        name=f"{cfg.kind}:{split}",
+        image_id=tokenizer.image_id,
+        num_records=len(source) // process_count,
+    )
+
+
+def dataset_seed(seed: int, name: str) -> int:
+    """A per-dataset seed, so datasets of a mixture do not share shuffles and augmentation streams."""
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2**31
+
+
+def make_mixture(
+    data_cfg: ml_collections.ConfigDict,
+    *,
+    tokenizer: Tokenizer,
+    image_size: int,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    per_host_batch_sizes: Mapping[str, int] | None = None,
+    train: bool = True,
+    num_epochs: int | None = None,
+    worker_count: int | None = None,
+) -> dict[str, LoaderIterator]:
+    """One loader per entry of `data_cfg.datasets` (name -> dataset config), keyed by name.
+
+    Training split and settings by default; `make_eval_mixture` gives the evaluation variants. A dataset
+    missing from per_host_batch_sizes uses its global `batch_size // process_count`. `worker_count`
+    defaults to `data_cfg.worker_count` (0 if unset).
+    """
+    if worker_count is None:
+        worker_count = int(data_cfg.get("worker_count", 0))
+    loaders = {}
+    for name, ds_cfg in data_cfg.datasets.items():
+        cfg = with_defaults(ds_cfg)
+        bs = (per_host_batch_sizes or {}).get(name)
+        if bs is None:
+            if cfg.batch_size % process_count:
+                raise ValueError(
+                    f"{name}: batch_size {cfg.batch_size} not divisible by {process_count} hosts."
+                )
+            bs = cfg.batch_size // process_count
+        loaders[name] = make_loader(
+            cfg,
+            split=cfg.train_split if train else cfg.eval_split,
+            tokenizer=tokenizer,
+            batch_size=int(bs),
+            image_size=image_size,
+            seed=dataset_seed(seed, name),
+            process_index=process_index,
+            process_count=process_count,
+            train=train,
+            num_epochs=num_epochs,
+            worker_count=worker_count,
+        )
+    return loaders
+
+
+def make_eval_mixture(
+    data_cfg: ml_collections.ConfigDict,
+    *,
+    tokenizer: Tokenizer,
+    image_size: int,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    per_host_batch_sizes: Mapping[str, int] | None = None,
+    worker_count: int | None = None,
+) -> dict[str, LoaderIterator]:
+    """One single-pass evaluation loader per dataset (each dataset's `eval_split`, no augmentation)."""
+    return make_mixture(
+        data_cfg,
+        tokenizer=tokenizer,
+        image_size=image_size,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        per_host_batch_sizes=per_host_batch_sizes,
+        train=False,
+        num_epochs=1,
+        worker_count=worker_count,
+    )
+
+
+def get_state(iterators: Mapping[str, LoaderIterator]) -> dict[str, str]:
+    """JSON-serialisable states of a dict of iterators (e.g. to save beside a checkpoint)."""
+    return {name: it.get_state().decode() for name, it in iterators.items()}
+
+
+def set_state(iterators: Mapping[str, LoaderIterator], states: Mapping[str, str | bytes]) -> None:
+    """Restores the states saved by get_state; every iterator must have one."""
+    missing = set(iterators) - set(states)
+    if missing:
+        raise KeyError(f"No saved iterator state for datasets {sorted(missing)}.")
+    for name, it in iterators.items():
+        it.set_state(states[name])

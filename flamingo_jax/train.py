@@ -1,0 +1,318 @@
+"""The Flamingo trainer.
+
+    python -m flamingo_jax.train --config=configs/demo.py --workdir=/tmp/demo [--config.train.steps=100]
+
+Data flows one way, and the file reads top to bottom in that order:
+config -> mesh -> model + state -> input pipeline -> step -> metrics (and checkpoints).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from flamingo_jax import config as config_lib
+from flamingo_jax import config_flags, flops, optim, sharding, train_step
+from flamingo_jax.data import loader as data_loader
+from flamingo_jax.data import synthetic
+from flamingo_jax.data.tokenizer import Tokenizer
+from flamingo_jax.metrics import MetricWriter, Progress
+from flamingo_jax.models import flamingo
+
+_CONFIG = config_flags.define_config_flag()
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, TensorBoard and checkpoints.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config: everything that can be wrong is found here, before devices or data are touched.
+def validate(config: ml_collections.ConfigDict) -> flamingo.FlamingoConfig:
+    mcfg = config_lib.validate(config)
+    optim.validate(config.optimizer)
+    t = config.train
+    if t.steps <= 0:
+        raise ValueError(f"config.train.steps must be positive, got {t.steps}")
+    if t.strategy not in train_step.STRATEGIES:
+        raise ValueError(f"config.train.strategy: {t.strategy!r}; choose one of {train_step.STRATEGIES}")
+    if not config.data.datasets:
+        raise ValueError("config.data.datasets is empty")
+    for name, ds in config.data.datasets.items():
+        where = f"config.data.datasets.{name}"
+        if ds.kind not in data_loader.KINDS:
+            raise ValueError(f"{where}.kind: {ds.kind!r}; choose one of {data_loader.KINDS}")
+        if ds.weight <= 0:
+            raise ValueError(f"{where}.weight must be positive, got {ds.weight}")
+        if ds.batch_size <= 0 or ds.batch_size % ds.get("micro_batches", 1):
+            raise ValueError(f"{where}.batch_size={ds.batch_size} must be a positive multiple of "
+                             f"micro_batches={ds.get('micro_batches', 1)}")
+        frames = ds.get("frames", 1)
+        if frames > mcfg.resampler.max_frames and ds.kind == "video" and not t.get("allow_frame_interpolation"):
+            logging.warning("%s.frames=%d > model.resampler.max_frames=%d: time embeddings are interpolated",
+                            where, frames, mcfg.resampler.max_frames)
+        seq_len = ds.get("seq_len", data_loader.default_dataset_config(ds.kind).seq_len)
+        if seq_len > mcfg.lm.max_len:
+            raise ValueError(f"{where}.seq_len={seq_len} exceeds model.lm.max_len={mcfg.lm.max_len}")
+    return mcfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model and state, created directly in their shards.
+@dataclasses.dataclass
+class Trainer:
+    config: ml_collections.ConfigDict
+    mcfg: flamingo.FlamingoConfig
+    mesh: jax.sharding.Mesh
+    rules: sharding.Rules
+    parts: train_step.ModelParts
+    tx: Any
+    lr: Any
+    state_shardings: Any
+    frozen_shardings: Any
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.config.data.datasets)
+
+
+def _cast_frozen(frozen: Any, dtype: str) -> Any:
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
+
+
+def build(config: ml_collections.ConfigDict, mcfg: flamingo.FlamingoConfig,
+          mesh: jax.sharding.Mesh) -> Trainer:
+    """Abstract model -> parameter shardings from logical axes -> jitted init with those out_shardings."""
+    rules = sharding.rules_from_config(config.sharding.rules)
+    abstract = nnx.eval_shape(lambda: flamingo.Flamingo(mcfg, rngs=nnx.Rngs(config.seed)))
+    parts, abstract_params, abstract_frozen = train_step.split_model(abstract)
+    var_shardings = sharding.state_shardings(nnx.state(abstract, nnx.Param), mesh, rules)
+    trainable_f = flamingo.trainable_filter(mcfg.trainable)
+    param_sh = nnx.to_pure_dict(nnx.filter_state(var_shardings, trainable_f))
+    frozen_sh = nnx.to_pure_dict(nnx.filter_state(var_shardings, nnx.Not(trainable_f)))
+    tx, lr = optim.make(config.optimizer, config.train.steps)
+    abstract_state = jax.eval_shape(lambda p: train_step.init_state(p, tx), abstract_params)
+    repl = sharding.replicated(mesh)
+    opt_sh = optax_shardings(tx, abstract_state["opt_state"], param_sh, repl)
+    state_sh = dict(step=repl, params=param_sh, opt_state=opt_sh, skipped=repl, consecutive_skips=repl)
+    del abstract_frozen
+    return Trainer(config, mcfg, mesh, rules, parts, tx, lr, state_sh, frozen_sh)
+
+
+def optax_shardings(tx: Any, abstract_opt_state: Any, param_shardings: Any, default: NamedSharding) -> Any:
+    """Optimiser moments shard like their parameters; counters and other scalars are replicated."""
+    import optax  # noqa: PLC0415
+
+    return optax.tree_map_params(tx, lambda _, s: s, abstract_opt_state, param_shardings,
+                                 transform_non_params=lambda _: default)
+
+
+def init_state(tr: Trainer) -> tuple[dict, Any]:
+    """(train state, frozen params), each array born on its shards: nothing is materialised whole."""
+
+    def init() -> tuple[dict, Any]:
+        model = flamingo.Flamingo(tr.mcfg, rngs=nnx.Rngs(tr.config.seed))
+        _, params, frozen = train_step.split_model(model)
+        return train_step.init_state(params, tr.tx), _cast_frozen(frozen, tr.mcfg.frozen_param_dtype)
+
+    with sharding.use_mesh_rules(tr.mesh, tr.rules):
+        return jax.jit(init, out_shardings=(tr.state_shardings, tr.frozen_shardings))()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input pipeline: one Grain iterator per dataset; host batches become global arrays sharded over `batch`.
+def make_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
+    if config.data.get("synthetic"):
+        synthetic.prepare_synthetic(config.data.root, **dict(config.data.get("synthetic_options", {})))
+    tok = Tokenizer.from_path(config.data.tokenizer)
+    if tok.base_vocab_size != config.model.lm.vocab_size:
+        raise ValueError(f"config.model.lm.vocab_size={config.model.lm.vocab_size} but the tokenizer "
+                         f"{config.data.tokenizer} has {tok.base_vocab_size} tokens")
+    return tok
+
+
+def to_global(batch: Mapping[str, np.ndarray], tr: Trainer) -> dict[str, jax.Array]:
+    out = {}
+    for k, v in batch.items():
+        global_shape = (v.shape[0] * jax.process_count(), *v.shape[1:])
+        sh = sharding.batch_sharding(tr.mesh, tr.rules, v.ndim, global_shape)
+        out[k] = jax.make_array_from_process_local_data(sh, np.asarray(v), global_shape)
+    return out
+
+
+MODEL_KEYS = ("media", "tokens", "targets", "loss_mask", "link_next")
+
+
+def model_batch(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: batch[k] for k in MODEL_KEYS if k in batch}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Steps, compiled with explicit shardings; the state is donated.
+def compile_steps(tr: Trainer) -> tuple[dict[str, Any], Any]:
+    """{key: jitted train step} (one for `accumulate`/`merged`, one per dataset for `round_robin`), eval step."""
+    cfg = tr.config
+    weights = {m: float(cfg.data.datasets[m].weight) for m in tr.names}
+    micro = {m: int(cfg.data.datasets[m].get("micro_batches", 1)) for m in tr.names}
+    step = train_step.make_train_step(tr.parts, tr.tx, tr.lr, weights, micro, cfg.train.strategy)
+    jitted = jax.jit(step, in_shardings=(tr.state_shardings, tr.frozen_shardings, None),
+                     out_shardings=(tr.state_shardings, None), donate_argnums=(0,))
+    keys = tr.names if cfg.train.strategy == "round_robin" else ["all"]
+    eval_step = jax.jit(train_step.make_eval_step(tr.parts),
+                        in_shardings=(tr.state_shardings["params"], tr.frozen_shardings, None))
+    return {k: jitted for k in keys}, eval_step
+
+
+def step_flops(tr: Trainer, batch_shapes: Mapping[str, Mapping[str, tuple]]) -> float:
+    """Model FLOPs of one optimiser step over all datasets, frozen-aware (see flamingo_jax.flops)."""
+    p = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), tr.parts.trainable)
+    f = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), tr.parts.frozen)
+    p, f = nnx.to_pure_dict(p), nnx.to_pure_dict(f)
+    lm_trains = any(pat.startswith(("lm/layers", "lm/.*", ".*")) for pat in tr.mcfg.trainable)
+    model = tr.parts.merge
+    total = 0.0
+    for shapes in batch_shapes.values():
+        media = jax.ShapeDtypeStruct(shapes["media"], jnp.uint8)
+        ids = jax.ShapeDtypeStruct(shapes["tokens"], jnp.int32)
+        b, n, t, h, w, _ = shapes["media"]
+        frames = jax.ShapeDtypeStruct((b * n * t, h, w, 3), jnp.dtype(tr.mcfg.dtype))
+        vision = flops.fn_flops(lambda p, f, x: model(p, f).vision.features(x), p, f, frames)
+        encode = flops.fn_flops(lambda p, f, m: model(p, f).encode_media(m), p, f, media)
+        lm_only = flops.fn_flops(lambda p, f, i: model(p, f).lm(i)[0], p, f, ids)
+        full = flops.fn_flops(lambda p, f, m, i: model(p, f)(m, i), p, f, media, ids)
+        resampler, xattn = encode - vision, full - encode - lm_only
+        total += (3 if model(p, f).vision_trains else 1) * vision + 3 * (resampler + xattn)
+        total += (3 if lm_trains else 2) * lm_only
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation: held-out loss, and the same batches with images shuffled across examples.
+def evaluate(tr: Trainer, eval_step: Any, state: dict, frozen: Any, tok: Tokenizer) -> dict[str, float]:
+    cfg = tr.config
+    iters = data_loader.make_eval_mixture(cfg.data, tokenizer=tok, image_size=tr.mcfg.vision.image_size,
+                                          seed=cfg.seed, process_index=jax.process_index(),
+                                          process_count=jax.process_count(), worker_count=0)
+    sums: dict[str, np.ndarray] = {}
+    for name, it in iters.items():
+        acc = np.zeros(3)
+        for i, batch in enumerate(it):
+            if i >= cfg.train.eval_batches:
+                break
+            out = eval_step(state["params"], frozen, to_global(model_batch(batch), tr))
+            acc += np.array([float(out["nll"]), float(out["nll_shuffled"]), float(out["tokens"])])
+        sums[name] = acc
+    metrics = {}
+    for name, (nll, shuf, n) in sums.items():
+        metrics[f"eval/loss/{name}"] = nll / max(n, 1)
+        metrics[f"eval/loss_shuffled_images/{name}"] = shuf / max(n, 1)
+    total = sum(sums.values())
+    metrics["eval/loss"] = total[0] / max(total[2], 1)
+    metrics["eval/loss_shuffled_images"] = total[1] / max(total[2], 1)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop.
+def _schedule(names: list[str], strategy: str, step: int) -> list[str]:
+    return [names[step % len(names)]] if strategy == "round_robin" else names
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    mcfg = validate(config)
+    mesh = sharding.make_mesh(config.mesh)
+    is_main = jax.process_index() == 0
+    logging.info("processes %d, local devices %d, global devices %d, mesh %s", jax.process_count(),
+                 jax.local_device_count(), jax.device_count(), dict(mesh.shape))
+    tr = build(config, mcfg, mesh)
+    tok = make_tokenizer(config)
+    state, frozen = init_state(tr)
+
+    iters = data_loader.make_mixture(config.data, tokenizer=tok, image_size=mcfg.vision.image_size,
+                                     seed=config.seed, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+    steps, eval_step = compile_steps(tr)
+    writer = MetricWriter(workdir, enabled=is_main)
+    t = config.train
+    start = int(state["step"])
+    progress = Progress(t.steps, start, enabled=is_main)
+
+    peak, peak_src = flops.peak_flops_per_device(t.peak_flops, mcfg.dtype)
+    shapes = {m: {k: (int(config.data.datasets[m].batch_size), *v.shape[1:]) for k, v in b.items()}
+              for m, b in _peek(iters).items()}
+    flops_per_step = step_flops(tr, shapes)
+    tokens_per_step = sum(math.prod(s["tokens"]) for s in shapes.values())
+    examples_per_step = sum(s["tokens"][0] for s in shapes.values())
+    logging.info("model FLOPs per step %.3e; peak %.3e FLOP/s per device (%s)", flops_per_step, peak, peak_src)
+
+    last_metrics: dict[str, Any] = {}
+    pending = None
+    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+    with sharding.use_mesh_rules(mesh, tr.rules):
+        for step in range(start, t.steps):
+            names = _schedule(tr.names, t.strategy, step)
+            t0 = time.perf_counter()
+            host = {m: next(iters[m]) for m in names}
+            data_wait += time.perf_counter() - t0
+            batches = {m: to_global(model_batch(b), tr) for m, b in host.items()}
+            state, metrics = steps[names[0] if t.strategy == "round_robin" else "all"](state, frozen, batches)
+            # Check the previous step's skip counter now that this one is queued: no device idle time.
+            if pending is not None and int(pending["train/consecutive_skips"]) >= t.max_consecutive_skips:
+                raise FloatingPointError(
+                    f"{t.max_consecutive_skips} consecutive steps had a non-finite loss or gradient (last at "
+                    f"step {step}); stopping. Lower config.optimizer.lr or check the data.")
+            pending = metrics
+            window_steps += 1
+            done = step + 1
+            if done % t.log_every == 0 or done == t.steps:
+                metrics = jax.device_get(metrics)
+                elapsed = time.perf_counter() - window_start
+                step_time = elapsed / window_steps
+                metrics.update({
+                    "perf/step_time_s": step_time,
+                    "perf/tokens_per_s": tokens_per_step / step_time,
+                    "perf/examples_per_s": examples_per_step / step_time,
+                    "perf/mfu": flops_per_step / step_time / (peak * jax.device_count()),
+                    "perf/data_wait_frac": data_wait / elapsed,
+                    "data/skipped_examples": sum(it.skipped for it in iters.values()),
+                })
+                writer.write(done, metrics)
+                last_metrics = metrics
+                window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+            if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
+                ev = evaluate(tr, eval_step, state, frozen, tok)
+                writer.write(done, ev)
+                progress.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(ev.items())))
+                last_metrics.update(ev)
+                window_start = time.perf_counter()
+            progress.update(done, last_metrics)
+    progress.close()
+    writer.close()
+    return {k: float(np.asarray(v)) for k, v in last_metrics.items()}
+
+
+def _peek(iters: Mapping[str, Iterator]) -> dict[str, dict[str, np.ndarray]]:
+    """One batch per dataset, for shapes, without consuming the iterators (their state is restored)."""
+    saved = data_loader.get_state(iters)
+    out = {m: model_batch(next(it)) for m, it in iters.items()}
+    data_loader.set_state(iters, saved)
+    return out
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if _WORKDIR.value is None:
+        raise app.UsageError("--workdir is required")
+    train(config_flags.get(_CONFIG), _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,172 @@
+"""One optimiser step over the dataset mixture.
+
+The objective is the paper's `sum_m lambda_m * E_{D_m}[-log p(y | x)]` with a per-token mean inside each dataset.
+Three strategies (the paper's ablation, section 3.3 / table 3):
+
+- `accumulate` (the paper's choice): the gradient of each dataset's loss on its own batch, weighted by lambda_m,
+  summed, then one update. Each dataset's batch is split into `micro_batches` scanned slices; every slice's loss
+  is divided by the token count of the whole dataset batch, so the sum is exactly the full-batch gradient for
+  any number of micro-batches.
+- `round_robin`: one dataset per step, in turn, its gradient weighted by lambda_m.
+- `merged`: one pooled token mean over all datasets' examples, lambda_m weighting each dataset's tokens.
+
+Only trainable parameters are differentiated: the frozen towers enter as constants, so autodiff computes the
+activation gradients it needs through the frozen LM and no weight gradients at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from flamingo_jax.models import flamingo
+
+Array = jax.Array
+Batch = dict[str, Array]
+PyTree = Any
+
+STRATEGIES = ("accumulate", "round_robin", "merged")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelParts:
+    """The static half of a Flamingo split into trainable and frozen parameters (plain nested dicts)."""
+
+    graphdef: nnx.GraphDef
+    trainable: nnx.State
+    frozen: nnx.State
+
+    def merge(self, params: PyTree, frozen: PyTree) -> flamingo.Flamingo:
+        t = jax.tree.map(lambda x: x, self.trainable)
+        f = jax.tree.map(lambda x: x, self.frozen)
+        nnx.replace_by_pure_dict(t, params)
+        nnx.replace_by_pure_dict(f, frozen)
+        return nnx.merge(self.graphdef, t, f)
+
+
+def split_model(model: flamingo.Flamingo) -> tuple[ModelParts, PyTree, PyTree]:
+    """(parts, trainable params, frozen params) by the model's `trainable` patterns."""
+    patterns = model.cfg.trainable
+    flamingo.check_trainable_patterns(model, patterns)
+    graphdef, trainable, frozen, rest = nnx.split(model, flamingo.trainable_filter(patterns), nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError(f"model has non-parameter state the trainer does not handle: {rest}")
+    parts = ModelParts(graphdef, nnx.eval_shape(lambda: trainable), nnx.eval_shape(lambda: frozen))
+    return parts, nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
+
+
+def token_nll(logits: Array, targets: Array, mask: Array) -> Array:
+    """Sum over tokens of -log p(target), masked. logits float32 [B, L, V]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * mask)
+
+
+def batch_nll(parts: ModelParts, params: PyTree, frozen: PyTree, batch: Batch) -> Array:
+    model = parts.merge(params, frozen)
+    logits = model(batch["media"], batch["tokens"], link_next=batch.get("link_next"))
+    return token_nll(logits, batch["targets"], batch["loss_mask"])
+
+
+def split_micro(batch: Batch, n: int) -> Batch:
+    """[B, ...] -> [n, B/n, ...]."""
+    def f(x: Array) -> Array:
+        if x.shape[0] % n:
+            raise ValueError(f"batch of {x.shape[0]} is not divisible into {n} micro-batches")
+        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+    return jax.tree.map(f, batch)
+
+
+def dataset_grad(parts: ModelParts, params: PyTree, frozen: PyTree, batch: Batch, micro_batches: int,
+                 weight: Array, denom: Array) -> tuple[Array, PyTree]:
+    """(sum of token NLL, gradient of weight * NLL / denom) over one dataset's batch, micro-batches scanned."""
+    grad_fn = jax.value_and_grad(lambda p, b: weight * batch_nll(parts, p, frozen, b) / denom)
+
+    def micro(carry: tuple[Array, PyTree], mb: Batch) -> tuple[tuple[Array, PyTree], None]:
+        total, grads = carry
+        value, g = grad_fn(params, mb)
+        return (total + value, jax.tree.map(jnp.add, grads, g)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (total, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros), split_micro(batch, micro_batches))
+    # `total` is weight * NLL / denom; return the raw NLL sum for reporting.
+    return total * denom / weight, grads
+
+
+def init_state(params: PyTree, tx: optax.GradientTransformation) -> dict[str, Any]:
+    return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                skipped=jnp.zeros((), jnp.int32), consecutive_skips=jnp.zeros((), jnp.int32))
+
+
+def make_train_step(
+    parts: ModelParts,
+    tx: optax.GradientTransformation,
+    lr_schedule: optax.Schedule,
+    weights: Mapping[str, float],
+    micro_batches: Mapping[str, int],
+    strategy: str = "accumulate",
+) -> Callable[[dict, PyTree, Mapping[str, Batch]], tuple[dict, dict[str, Array]]]:
+    """`step(state, frozen, batches) -> (state, metrics)`; `batches` holds the datasets of this step (all of them,
+    or the current one for `round_robin`)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"train.strategy: {strategy!r}; choose one of {STRATEGIES}")
+
+    def step(state: dict, frozen: PyTree, batches: Mapping[str, Batch]) -> tuple[dict, dict[str, Array]]:
+        params = state["params"]
+        tokens = {m: jnp.sum(b["loss_mask"]) for m, b in batches.items()}
+        if strategy == "merged":
+            pooled = jnp.maximum(sum(weights[m] * tokens[m] for m in batches), 1.0)
+            denoms = {m: pooled for m in batches}
+        else:
+            denoms = {m: jnp.maximum(tokens[m], 1.0) for m in batches}
+        grads = jax.tree.map(jnp.zeros_like, params)
+        metrics: dict[str, Array] = {}
+        objective = jnp.zeros((), jnp.float32)
+        for m, batch in batches.items():  # static: one traced block per dataset
+            nll, g = dataset_grad(parts, params, frozen, batch, micro_batches[m], jnp.float32(weights[m]),
+                                  denoms[m])
+            grads = jax.tree.map(jnp.add, grads, g)
+            metrics[f"train/loss/{m}"] = nll / jnp.maximum(tokens[m], 1.0)
+            objective = objective + weights[m] * nll / denoms[m]
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        # A non-finite loss or gradient leaves parameters and optimiser state untouched.
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = dict(
+            step=state["step"] + 1,
+            params=keep(new_params, params),
+            opt_state=keep(new_opt, state["opt_state"]),
+            skipped=state["skipped"] + (~finite).astype(jnp.int32),
+            consecutive_skips=jnp.where(finite, 0, state["consecutive_skips"] + 1),
+        )
+        metrics.update({
+            "train/loss": objective,
+            "train/grad_norm": grad_norm,
+            "train/lr": lr_schedule(state["step"]),
+            "train/skipped_updates": new_state["skipped"],
+            "train/consecutive_skips": new_state["consecutive_skips"],
+            "train/tokens": sum(tokens.values()),
+        })
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(parts: ModelParts) -> Callable[[PyTree, PyTree, Batch], dict[str, Array]]:
+    """NLL sums and token counts on a batch, as is and with images shuffled across examples."""
+
+    def step(params: PyTree, frozen: PyTree, batch: Batch) -> dict[str, Array]:
+        shuffled = dict(batch, media=jnp.roll(batch["media"], 1, axis=0))
+        return dict(nll=batch_nll(parts, params, frozen, batch),
+                    nll_shuffled=batch_nll(parts, params, frozen, shuffled),
+                    tokens=jnp.sum(batch["loss_mask"]))
+
+    return step
