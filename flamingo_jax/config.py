@@ -11,37 +11,120 @@ from typing import Any
 import ml_collections
 
 from flamingo_jax import sharding
+from flamingo_jax.data.loader import default_dataset_config
 from flamingo_jax.models.flamingo import DEFAULT_TRAINABLE, FlamingoConfig
 
+# The paper's mixture: name -> (kind, lambda_m).
+PAPER_MIXTURE = {
+    "m3w": ("interleaved", 1.0),
+    "ltip": ("pairs", 0.2),
+    "vtp": ("video", 0.03),
+    "align": ("pairs", 0.2),
+}
 
-def chinchilla_lm(num_layers: int, dim: int, num_heads: int, vocab_size: int = 32000,
-                  max_len: int = 2048) -> dict[str, Any]:
+
+def chinchilla_lm(
+    num_layers: int, dim: int, num_heads: int, vocab_size: int = 32000, max_len: int = 2048
+) -> dict[str, Any]:
     """A Chinchilla-style LM (DESIGN.md section 1): RMSNorm, GELU FFN 4x, rotary positions, untied."""
-    return dict(family="chinchilla", vocab_size=vocab_size, num_layers=num_layers, dim=dim, num_heads=num_heads,
-                head_dim=dim // num_heads, mlp_dim=4 * dim, max_len=max_len)
+    return dict(
+        family="chinchilla",
+        vocab_size=vocab_size,
+        num_layers=num_layers,
+        dim=dim,
+        num_heads=num_heads,
+        head_dim=dim // num_heads,
+        mlp_dim=4 * dim,
+        max_len=max_len,
+    )
 
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
-    c.model = ml_collections.ConfigDict(dict(
-        vision=dict(kind="nfnet", variant="F6", widths=None, depths=None, stem_widths=None, group_size=128,
-                    image_size=320, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
-        resampler=dict(num_layers=6, num_latents=64, num_heads=16, head_dim=128, ffw_mult=4, max_frames=8),
-        xattn=dict(every=1, num_heads=16, head_dim=128, ffw_mult=4),
-        lm=chinchilla_lm(24, 2048, 16),
-        trainable=DEFAULT_TRAINABLE,
-        # Trainable weights and optimiser state in float32; compute and frozen weights in bfloat16 (paper).
-        dtype="bfloat16",
-        param_dtype="float32",
-        frozen_param_dtype="bfloat16",
-        remat="none",
-        attention="xla",
-    ))
+    c.model = ml_collections.ConfigDict(
+        dict(
+            vision=dict(
+                kind="nfnet",
+                variant="F6",
+                widths=None,
+                depths=None,
+                stem_widths=None,
+                group_size=128,
+                image_size=320,
+                mean=(0.485, 0.456, 0.406),
+                std=(0.229, 0.224, 0.225),
+            ),
+            resampler=dict(num_layers=6, num_latents=64, num_heads=16, head_dim=128, ffw_mult=4, max_frames=8),
+            xattn=dict(every=1, num_heads=16, head_dim=128, ffw_mult=4, gate_init=0.0),
+            lm=chinchilla_lm(24, 2048, 16),
+            trainable=DEFAULT_TRAINABLE,
+            # Trainable weights and optimiser state in float32; compute and frozen weights in bfloat16 (paper).
+            dtype="bfloat16",
+            param_dtype="float32",
+            frozen_param_dtype="bfloat16",
+            remat="none",
+            attention="xla",
+        )
+    )
+    c.data = ml_collections.ConfigDict(
+        dict(
+            tokenizer="",  # SentencePiece .model or Hugging Face tokenizer.json
+            worker_count=0,  # Grain worker processes per host
+            # The built-in synthetic data: generated under `root` and built on first use when enabled.
+            synthetic=dict(enabled=False, root="", seed=0, num_train=2000, num_eval=200, image_size=64, vocab_size=512),
+        )
+    )
+    c.data.datasets = ml_collections.ConfigDict()
+    for name, (kind, weight) in PAPER_MIXTURE.items():
+        ds = default_dataset_config(kind)
+        ds.weight = weight
+        with ds.unlocked():
+            ds.micro_batches = 1  # gradient accumulation within the dataset's batch, for memory
+        c.data.datasets[name] = ds
+
+    c.train = ml_collections.ConfigDict(
+        dict(
+            steps=500_000,
+            strategy="accumulate",  # 'accumulate' (paper) | 'round_robin' | 'merged' (ablations)
+            log_every=100,
+            eval_every=5000,  # 0: no evaluation
+            eval_batches=10,  # per dataset
+            peak_flops=0.0,  # per device, for MFU; 0: vendor table, or measured on CPU
+            max_consecutive_skips=10,
+        )
+    )
+    c.optimizer = ml_collections.ConfigDict(
+        dict(
+            lr=1e-4,
+            schedule="warmup_constant",
+            warmup_steps=5000,
+            end_lr=0.0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            clip_norm=1.0,
+            weight_decay=0.1,
+            # No decay on the resampler (paper), norms, biases and gates.
+            no_decay=("resampler/.*", ".*norm.*", ".*bias", ".*_gate"),
+        )
+    )
+
     # The ('data', 'fsdp', 'tensor') device mesh; -1 takes the remaining devices.
     c.mesh = (-1, 1, 1)
     c.sharding = ml_collections.ConfigDict(dict(rules=[list(r) for r in sharding.DEFAULT_RULES]))
     c.seed = 0
+    # WORKDIR/checkpoints: the train state and data iterators (not the frozen weights, which are re-created from
+    # `seed` or the pretrained towers). A run resumes from its workdir's newest usable checkpoint.
+    c.checkpoint = ml_collections.ConfigDict(
+        dict(
+            every_steps=1000,  # 0: only at the end (and on preemption)
+            keep=3,  # the newest `keep` checkpoints ...
+            keep_every=0,  # ... plus every step divisible by this (0: none)
+            init_from="",  # fine-tuning: another run's workdir or step dir; parameters only
+            async_save=True,  # write in the background while training continues
+        )
+    )
     return c
 
 

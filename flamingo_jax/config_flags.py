@@ -9,8 +9,9 @@ from ml_collections import config_flags
 
 
 def define_config_flag() -> flags.FlagHolder:
-    return config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/ (arg after ':').",
-                                           lock_config=True)
+    return config_flags.DEFINE_config_file(
+        "config", None, "Path to a config file in configs/ (arg after ':').", lock_config=True
+    )
 
 
 def get(holder: flags.FlagHolder) -> ml_collections.ConfigDict:

@@ -18,10 +18,12 @@ def schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule
     if cfg.schedule == "warmup_constant":
         return optax.join_schedules(
             [optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1)), optax.constant_schedule(cfg.lr)],
-            [cfg.warmup_steps])
+            [cfg.warmup_steps],
+        )
     if cfg.schedule == "warmup_cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps,
-                                                  max(total_steps, cfg.warmup_steps + 1), end_value=cfg.end_lr)
+        return optax.warmup_cosine_decay_schedule(
+            0.0, cfg.lr, cfg.warmup_steps, max(total_steps, cfg.warmup_steps + 1), end_value=cfg.end_lr
+        )
     raise ValueError(f"optimizer.schedule: {cfg.schedule!r}; choose one of {SCHEDULES}")
 
 
@@ -41,8 +43,14 @@ def make(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.Gradie
     lr = schedule(cfg, total_steps)
     tx = optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm else optax.identity(),
-        optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                    mask=lambda p: decay_mask(p, cfg.no_decay)),
+        optax.adamw(
+            lr,
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=lambda p: decay_mask(p, cfg.no_decay),
+        ),
     )
     return tx, lr
 

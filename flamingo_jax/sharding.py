@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -70,12 +71,14 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
     if -1 in shape:
         if len(devices) % known:
             raise ShardingError(
-                f"config.mesh {shape}: {len(devices)} devices are not divisible by the fixed axes ({known})")
+                f"config.mesh {shape}: {len(devices)} devices are not divisible by the fixed axes ({known})"
+            )
         shape[shape.index(-1)] = len(devices) // known
     if math.prod(shape) != len(devices):
         raise ShardingError(
             f"config.mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
-            f"but {len(devices)} are available")
+            f"but {len(devices)} are available"
+        )
     # Auto axes: jax >= 0.9 defaults to Explicit, under which GSPMD-style with_sharding_constraint code changes
     # meaning. The device order from mesh_utils keeps `tensor` on the fastest interconnect.
     return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
@@ -121,7 +124,8 @@ def logical_to_spec(
         if name not in table:
             raise ShardingError(
                 f"{what}: logical axis {name!r} (dim {i} of {tuple(axes)}) has no sharding rule; "
-                f"add it to config.sharding.rules (map it to None to replicate)")
+                f"add it to config.sharding.rules (map it to None to replicate)"
+            )
         targets = tuple(ax for ax in table[name] if ax not in used)
         if mesh is not None:
             targets = tuple(ax for ax in targets if mesh.shape[ax] > 1)
@@ -131,7 +135,8 @@ def logical_to_spec(
                 if strict:
                     raise ShardingError(
                         f"{what}: dim {i} ({name}) of shape {tuple(shape)} is not divisible by mesh axes "
-                        f"{targets} of total size {size}")
+                        f"{targets} of total size {size}"
+                    )
                 targets = ()
         used.update(targets)
         spec.append(targets[0] if len(targets) == 1 else (targets or None))
@@ -168,8 +173,6 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 # ---------------------------------------------------------------------------------------------------------------
 # Parameter shardings.
 def _is_variable(x: Any) -> bool:
-    from flax import nnx
-
     return isinstance(x, nnx.Variable)
 
 
@@ -179,10 +182,9 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
     Scalars and variables without `axes` are replicated only when they are not parameters (RNG counters, step
     counts); a parameter without axes is an error.
     """
-    from flax import nnx
 
     def one(path: tuple, var: Any) -> Any:
-        name = "/".join(str(p) for p in path)
+        name = "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
         value = var.get_value() if hasattr(var, "get_value") else var.value
         shape = np.shape(value)
         axes = var.get_metadata().get("axes")
@@ -204,8 +206,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int, shape: Sequence[int] | None = None) -> NamedSharding:
     """Sharding of a host batch array: leading dim over the `batch` rule, the rest replicated."""
-    spec = logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, shape=shape, mesh=mesh,
-                           what="input batch")
+    spec = logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, shape=shape, mesh=mesh, what="input batch")
     return NamedSharding(mesh, spec)
 
 

@@ -18,17 +18,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import app, flags, logging
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
+from flamingo_jax import checkpoint, config_flags, distributed, flops, optim, sharding, train_step
 from flamingo_jax import config as config_lib
-from flamingo_jax import config_flags, flops, optim, sharding, train_step
 from flamingo_jax.data import loader as data_loader
 from flamingo_jax.data import synthetic
 from flamingo_jax.data.tokenizer import Tokenizer
-from flamingo_jax.metrics import MetricWriter, Progress
+from flamingo_jax.metrics import MetricWriter, Progress, drop_rows_after, quiet_library_logs
 from flamingo_jax.models import flamingo
+from flamingo_jax.pretrained import towers
 
 _CONFIG = config_flags.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, TensorBoard and checkpoints.")
@@ -39,6 +41,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, TensorBo
 def validate(config: ml_collections.ConfigDict) -> flamingo.FlamingoConfig:
     mcfg = config_lib.validate(config)
     optim.validate(config.optimizer)
+    checkpoint.validate(config.checkpoint)
     t = config.train
     if t.steps <= 0:
         raise ValueError(f"config.train.steps must be positive, got {t.steps}")
@@ -53,12 +56,18 @@ def validate(config: ml_collections.ConfigDict) -> flamingo.FlamingoConfig:
         if ds.weight <= 0:
             raise ValueError(f"{where}.weight must be positive, got {ds.weight}")
         if ds.batch_size <= 0 or ds.batch_size % ds.get("micro_batches", 1):
-            raise ValueError(f"{where}.batch_size={ds.batch_size} must be a positive multiple of "
-                             f"micro_batches={ds.get('micro_batches', 1)}")
+            raise ValueError(
+                f"{where}.batch_size={ds.batch_size} must be a positive multiple of "
+                f"micro_batches={ds.get('micro_batches', 1)}"
+            )
         frames = ds.get("frames", 1)
-        if frames > mcfg.resampler.max_frames and ds.kind == "video" and not t.get("allow_frame_interpolation"):
-            logging.warning("%s.frames=%d > model.resampler.max_frames=%d: time embeddings are interpolated",
-                            where, frames, mcfg.resampler.max_frames)
+        if frames > mcfg.resampler.max_frames:
+            logging.warning(
+                "%s.frames=%d > model.resampler.max_frames=%d: time embeddings are interpolated",
+                where,
+                frames,
+                mcfg.resampler.max_frames,
+            )
         seq_len = ds.get("seq_len", data_loader.default_dataset_config(ds.kind).seq_len)
         if seq_len > mcfg.lm.max_len:
             raise ValueError(f"{where}.seq_len={seq_len} exceeds model.lm.max_len={mcfg.lm.max_len}")
@@ -88,8 +97,7 @@ def _cast_frozen(frozen: Any, dtype: str) -> Any:
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
 
 
-def build(config: ml_collections.ConfigDict, mcfg: flamingo.FlamingoConfig,
-          mesh: jax.sharding.Mesh) -> Trainer:
+def build(config: ml_collections.ConfigDict, mcfg: flamingo.FlamingoConfig, mesh: jax.sharding.Mesh) -> Trainer:
     """Abstract model -> parameter shardings from logical axes -> jitted init with those out_shardings."""
     rules = sharding.rules_from_config(config.sharding.rules)
     abstract = nnx.eval_shape(lambda: flamingo.Flamingo(mcfg, rngs=nnx.Rngs(config.seed)))
@@ -109,10 +117,9 @@ def build(config: ml_collections.ConfigDict, mcfg: flamingo.FlamingoConfig,
 
 def optax_shardings(tx: Any, abstract_opt_state: Any, param_shardings: Any, default: NamedSharding) -> Any:
     """Optimiser moments shard like their parameters; counters and other scalars are replicated."""
-    import optax  # noqa: PLC0415
-
-    return optax.tree_map_params(tx, lambda _, s: s, abstract_opt_state, param_shardings,
-                                 transform_non_params=lambda _: default)
+    return optax.tree_map_params(
+        tx, lambda _, s: s, abstract_opt_state, param_shardings, transform_non_params=lambda _: default
+    )
 
 
 def init_state(tr: Trainer) -> tuple[dict, Any]:
@@ -124,18 +131,42 @@ def init_state(tr: Trainer) -> tuple[dict, Any]:
         return train_step.init_state(params, tr.tx), _cast_frozen(frozen, tr.mcfg.frozen_param_dtype)
 
     with sharding.use_mesh_rules(tr.mesh, tr.rules):
-        return jax.jit(init, out_shardings=(tr.state_shardings, tr.frozen_shardings))()
+        state, frozen = jax.jit(init, out_shardings=(tr.state_shardings, tr.frozen_shardings))()
+    pretrained = towers.load_towers(tr.mcfg, tr.mesh, tr.rules)
+    if pretrained:
+        params, used_p = towers.replace_leaves(state["params"], pretrained)
+        frozen, used_f = towers.replace_leaves(frozen, pretrained)
+        if set(pretrained) - used_p - used_f:
+            raise ValueError(f"pretrained tensors with no parameter: {sorted(set(pretrained) - used_p - used_f)}")
+        # The optimiser state was initialised for the random values; Adam's moments are zeros either way.
+        state = dict(state, params=params)
+        logging.info(
+            "loaded %d pretrained tensors (%d trainable, e.g. the added token rows)",
+            len(pretrained),
+            len(used_p),
+        )
+    return state, frozen
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Input pipeline: one Grain iterator per dataset; host batches become global arrays sharded over `batch`.
 def make_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
-    if config.data.get("synthetic"):
-        synthetic.prepare_synthetic(config.data.root, **dict(config.data.get("synthetic_options", {})))
+    syn = config.data.synthetic
+    if syn.enabled:
+        synthetic.prepare_synthetic(
+            syn.root,
+            seed=syn.seed,
+            num_train=syn.num_train,
+            num_eval=syn.num_eval,
+            image_size=syn.image_size,
+            vocab_size=syn.vocab_size,
+        )
     tok = Tokenizer.from_path(config.data.tokenizer)
     if tok.base_vocab_size != config.model.lm.vocab_size:
-        raise ValueError(f"config.model.lm.vocab_size={config.model.lm.vocab_size} but the tokenizer "
-                         f"{config.data.tokenizer} has {tok.base_vocab_size} tokens")
+        raise ValueError(
+            f"config.model.lm.vocab_size={config.model.lm.vocab_size} but the tokenizer "
+            f"{config.data.tokenizer} has {tok.base_vocab_size} tokens"
+        )
     return tok
 
 
@@ -163,11 +194,17 @@ def compile_steps(tr: Trainer) -> tuple[dict[str, Any], Any]:
     weights = {m: float(cfg.data.datasets[m].weight) for m in tr.names}
     micro = {m: int(cfg.data.datasets[m].get("micro_batches", 1)) for m in tr.names}
     step = train_step.make_train_step(tr.parts, tr.tx, tr.lr, weights, micro, cfg.train.strategy)
-    jitted = jax.jit(step, in_shardings=(tr.state_shardings, tr.frozen_shardings, None),
-                     out_shardings=(tr.state_shardings, None), donate_argnums=(0,))
+    jitted = jax.jit(
+        step,
+        in_shardings=(tr.state_shardings, tr.frozen_shardings, None),
+        out_shardings=(tr.state_shardings, None),
+        donate_argnums=(0,),
+    )
     keys = tr.names if cfg.train.strategy == "round_robin" else ["all"]
-    eval_step = jax.jit(train_step.make_eval_step(tr.parts),
-                        in_shardings=(tr.state_shardings["params"], tr.frozen_shardings, None))
+    eval_step = jax.jit(
+        train_step.make_eval_step(tr.parts),
+        in_shardings=(tr.state_shardings["params"], tr.frozen_shardings, None),
+    )
     return {k: jitted for k in keys}, eval_step
 
 
@@ -176,7 +213,9 @@ def step_flops(tr: Trainer, batch_shapes: Mapping[str, Mapping[str, tuple]]) -> 
     p = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), tr.parts.trainable)
     f = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), tr.parts.frozen)
     p, f = nnx.to_pure_dict(p), nnx.to_pure_dict(f)
-    lm_trains = any(pat.startswith(("lm/layers", "lm/.*", ".*")) for pat in tr.mcfg.trainable)
+    # A tower trains when any of its weights (beyond the added token rows) is in the trainable tree.
+    lm_trains = "layers" in p.get("lm", {})
+    vision_trains = "vision" in p
     model = tr.parts.merge
     total = 0.0
     for shapes in batch_shapes.values():
@@ -189,7 +228,7 @@ def step_flops(tr: Trainer, batch_shapes: Mapping[str, Mapping[str, tuple]]) -> 
         lm_only = flops.fn_flops(lambda p, f, i: model(p, f).lm(i)[0], p, f, ids)
         full = flops.fn_flops(lambda p, f, m, i: model(p, f)(m, i), p, f, media, ids)
         resampler, xattn = encode - vision, full - encode - lm_only
-        total += (3 if model(p, f).vision_trains else 1) * vision + 3 * (resampler + xattn)
+        total += (3 if vision_trains else 1) * vision + 3 * (resampler + xattn)
         total += (3 if lm_trains else 2) * lm_only
     return total
 
@@ -198,9 +237,15 @@ def step_flops(tr: Trainer, batch_shapes: Mapping[str, Mapping[str, tuple]]) -> 
 # Evaluation: held-out loss, and the same batches with images shuffled across examples.
 def evaluate(tr: Trainer, eval_step: Any, state: dict, frozen: Any, tok: Tokenizer) -> dict[str, float]:
     cfg = tr.config
-    iters = data_loader.make_eval_mixture(cfg.data, tokenizer=tok, image_size=tr.mcfg.vision.image_size,
-                                          seed=cfg.seed, process_index=jax.process_index(),
-                                          process_count=jax.process_count(), worker_count=0)
+    iters = data_loader.make_eval_mixture(
+        cfg.data,
+        tokenizer=tok,
+        image_size=tr.mcfg.vision.image_size,
+        seed=cfg.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        worker_count=0,
+    )
     sums: dict[str, np.ndarray] = {}
     for name, it in iters.items():
         acc = np.zeros(3)
@@ -227,27 +272,43 @@ def _schedule(names: list[str], strategy: str, step: int) -> list[str]:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    quiet_library_logs()
     mcfg = validate(config)
     mesh = sharding.make_mesh(config.mesh)
     is_main = jax.process_index() == 0
-    logging.info("processes %d, local devices %d, global devices %d, mesh %s", jax.process_count(),
-                 jax.local_device_count(), jax.device_count(), dict(mesh.shape))
+    distributed.log_topology(mesh)
     tr = build(config, mcfg, mesh)
     tok = make_tokenizer(config)
     state, frozen = init_state(tr)
 
-    iters = data_loader.make_mixture(config.data, tokenizer=tok, image_size=mcfg.vision.image_size,
-                                     seed=config.seed, process_index=jax.process_index(),
-                                     process_count=jax.process_count())
+    iters = data_loader.make_mixture(
+        config.data,
+        tokenizer=tok,
+        image_size=mcfg.vision.image_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    # Checkpoints: continue this workdir's run from its newest usable checkpoint (state and data iterators), or
+    # start from another run's parameters (fine-tuning). Frozen weights come from config, never from checkpoints.
+    if config.checkpoint.init_from:
+        state, frozen = checkpoint.init_from(config.checkpoint.init_from, state, frozen)
+    ckpt = checkpoint.Checkpoints(workdir, config, frozen)
+    state = ckpt.restore(state, iters)
+    start = int(state["step"])
+    if start and is_main:
+        drop_rows_after(workdir, start)  # the steps after the checkpoint are logged again, identically
+
     steps, eval_step = compile_steps(tr)
     writer = MetricWriter(workdir, enabled=is_main)
     t = config.train
-    start = int(state["step"])
     progress = Progress(t.steps, start, enabled=is_main)
 
     peak, peak_src = flops.peak_flops_per_device(t.peak_flops, mcfg.dtype)
-    shapes = {m: {k: (int(config.data.datasets[m].batch_size), *v.shape[1:]) for k, v in b.items()}
-              for m, b in _peek(iters).items()}
+    shapes = {
+        m: {k: (int(config.data.datasets[m].batch_size), *v.shape[1:]) for k, v in b.items()}
+        for m, b in _peek(iters).items()
+    }
     flops_per_step = step_flops(tr, shapes)
     tokens_per_step = sum(math.prod(s["tokens"]) for s in shapes.values())
     examples_per_step = sum(s["tokens"][0] for s in shapes.values())
@@ -256,7 +317,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     last_metrics: dict[str, Any] = {}
     pending = None
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-    with sharding.use_mesh_rules(mesh, tr.rules):
+    with sharding.use_mesh_rules(mesh, tr.rules), ckpt:  # ckpt: SIGTERM handler; waits for saves on exit
         for step in range(start, t.steps):
             names = _schedule(tr.names, t.strategy, step)
             t0 = time.perf_counter()
@@ -268,7 +329,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             if pending is not None and int(pending["train/consecutive_skips"]) >= t.max_consecutive_skips:
                 raise FloatingPointError(
                     f"{t.max_consecutive_skips} consecutive steps had a non-finite loss or gradient (last at "
-                    f"step {step}); stopping. Lower config.optimizer.lr or check the data.")
+                    f"step {step}); stopping. Lower config.optimizer.lr or check the data."
+                )
             pending = metrics
             window_steps += 1
             done = step + 1
@@ -276,14 +338,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 metrics = jax.device_get(metrics)
                 elapsed = time.perf_counter() - window_start
                 step_time = elapsed / window_steps
-                metrics.update({
-                    "perf/step_time_s": step_time,
-                    "perf/tokens_per_s": tokens_per_step / step_time,
-                    "perf/examples_per_s": examples_per_step / step_time,
-                    "perf/mfu": flops_per_step / step_time / (peak * jax.device_count()),
-                    "perf/data_wait_frac": data_wait / elapsed,
-                    "data/skipped_examples": sum(it.skipped for it in iters.values()),
-                })
+                metrics.update(
+                    {
+                        "perf/step_time_s": step_time,
+                        "perf/tokens_per_s": tokens_per_step / step_time,
+                        "perf/examples_per_s": examples_per_step / step_time,
+                        "perf/mfu": flops_per_step / step_time / (peak * jax.device_count()),
+                        "perf/data_wait_frac": data_wait / elapsed,
+                        "data/skipped_examples": sum(it.skipped for it in iters.values()),
+                    }
+                )
                 writer.write(done, metrics)
                 last_metrics = metrics
                 window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
@@ -294,6 +358,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 last_metrics.update(ev)
                 window_start = time.perf_counter()
             progress.update(done, last_metrics)
+            # Every `every_steps`, at the end, and at the first step boundary after a preemption notice.
+            preempted = ckpt.preempted(done)
+            if preempted or ckpt.due(done):
+                ckpt.save(done, state, iters)
+            if preempted:
+                progress.write(ckpt.resume_hint(done))
+                logging.warning(ckpt.resume_hint(done))
+                break
     progress.close()
     writer.close()
     return {k: float(np.asarray(v)) for k, v in last_metrics.items()}
@@ -311,7 +383,10 @@ def main(argv: list[str]) -> None:
     del argv
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required")
-    train(config_flags.get(_CONFIG), _WORKDIR.value)
+    config = config_flags.get(_CONFIG)
+    # Joins the multi-host job (flags or environment, see flamingo_jax.distributed) before any device is touched.
+    distributed.initialize(distributed.options_from_flags())
+    distributed.run_or_die(lambda: train(config, _WORKDIR.value))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from flamingo_jax import sharding
 from flamingo_jax.models import flamingo
 
 Array = jax.Array
@@ -75,16 +76,30 @@ def batch_nll(parts: ModelParts, params: PyTree, frozen: PyTree, batch: Batch) -
 
 
 def split_micro(batch: Batch, n: int) -> Batch:
-    """[B, ...] -> [n, B/n, ...]."""
+    """[B, ...] -> [n, B/n, ...], micro-batch j holding rows j, j+n, j+2n, ...
+
+    Strided rather than contiguous: the batch is sharded in contiguous blocks over devices, so a contiguous
+    micro-batch would live on a fraction of the devices; a strided one has an equal share on every device.
+    """
+
     def f(x: Array) -> Array:
         if x.shape[0] % n:
             raise ValueError(f"batch of {x.shape[0]} is not divisible into {n} micro-batches")
-        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+        x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+        return sharding.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+
     return jax.tree.map(f, batch)
 
 
-def dataset_grad(parts: ModelParts, params: PyTree, frozen: PyTree, batch: Batch, micro_batches: int,
-                 weight: Array, denom: Array) -> tuple[Array, PyTree]:
+def dataset_grad(
+    parts: ModelParts,
+    params: PyTree,
+    frozen: PyTree,
+    batch: Batch,
+    micro_batches: int,
+    weight: Array,
+    denom: Array,
+) -> tuple[Array, PyTree]:
     """(sum of token NLL, gradient of weight * NLL / denom) over one dataset's batch, micro-batches scanned."""
     grad_fn = jax.value_and_grad(lambda p, b: weight * batch_nll(parts, p, frozen, b) / denom)
 
@@ -100,8 +115,72 @@ def dataset_grad(parts: ModelParts, params: PyTree, frozen: PyTree, batch: Batch
 
 
 def init_state(params: PyTree, tx: optax.GradientTransformation) -> dict[str, Any]:
-    return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                skipped=jnp.zeros((), jnp.int32), consecutive_skips=jnp.zeros((), jnp.int32))
+    return dict(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        skipped=jnp.zeros((), jnp.int32),
+        consecutive_skips=jnp.zeros((), jnp.int32),
+    )
+
+
+def mixture_grads(
+    parts: ModelParts,
+    params: PyTree,
+    frozen: PyTree,
+    batches: Mapping[str, Batch],
+    weights: Mapping[str, float],
+    micro_batches: Mapping[str, int],
+    strategy: str = "accumulate",
+) -> tuple[PyTree, dict[str, Array]]:
+    """The gradient of the mixture objective over `batches` (all datasets, or this step's one for
+    `round_robin`), and its loss metrics."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"train.strategy: {strategy!r}; choose one of {STRATEGIES}")
+    tokens = {m: jnp.sum(b["loss_mask"]) for m, b in batches.items()}
+    if strategy == "merged":
+        pooled = jnp.maximum(sum(weights[m] * tokens[m] for m in batches), 1.0)
+        denoms = {m: pooled for m in batches}
+    else:
+        denoms = {m: jnp.maximum(tokens[m], 1.0) for m in batches}
+    grads = jax.tree.map(jnp.zeros_like, params)
+    metrics: dict[str, Array] = {}
+    objective = jnp.zeros((), jnp.float32)
+    for m, batch in batches.items():  # static: one traced block per dataset
+        nll, g = dataset_grad(parts, params, frozen, batch, micro_batches[m], jnp.float32(weights[m]), denoms[m])
+        grads = jax.tree.map(jnp.add, grads, g)
+        metrics[f"train/loss/{m}"] = nll / jnp.maximum(tokens[m], 1.0)
+        objective = objective + weights[m] * nll / denoms[m]
+    metrics["train/loss"] = objective
+    metrics["train/tokens"] = sum(tokens.values())
+    return grads, metrics
+
+
+def apply_update(
+    state: dict,
+    grads: PyTree,
+    loss: Array,
+    tx: optax.GradientTransformation,
+) -> tuple[dict, dict[str, Array]]:
+    """One optimiser update; a non-finite loss or gradient leaves parameters and optimiser state untouched."""
+    params = state["params"]
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = dict(
+        step=state["step"] + 1,
+        params=keep(new_params, params),
+        opt_state=keep(new_opt, state["opt_state"]),
+        skipped=state["skipped"] + (~finite).astype(jnp.int32),
+        consecutive_skips=jnp.where(finite, 0, state["consecutive_skips"] + 1),
+    )
+    return new_state, {
+        "train/grad_norm": grad_norm,
+        "train/skipped_updates": new_state["skipped"],
+        "train/consecutive_skips": new_state["consecutive_skips"],
+    }
 
 
 def make_train_step(
@@ -112,50 +191,14 @@ def make_train_step(
     micro_batches: Mapping[str, int],
     strategy: str = "accumulate",
 ) -> Callable[[dict, PyTree, Mapping[str, Batch]], tuple[dict, dict[str, Array]]]:
-    """`step(state, frozen, batches) -> (state, metrics)`; `batches` holds the datasets of this step (all of them,
-    or the current one for `round_robin`)."""
+    """`step(state, frozen, batches) -> (state, metrics)`."""
     if strategy not in STRATEGIES:
         raise ValueError(f"train.strategy: {strategy!r}; choose one of {STRATEGIES}")
 
     def step(state: dict, frozen: PyTree, batches: Mapping[str, Batch]) -> tuple[dict, dict[str, Array]]:
-        params = state["params"]
-        tokens = {m: jnp.sum(b["loss_mask"]) for m, b in batches.items()}
-        if strategy == "merged":
-            pooled = jnp.maximum(sum(weights[m] * tokens[m] for m in batches), 1.0)
-            denoms = {m: pooled for m in batches}
-        else:
-            denoms = {m: jnp.maximum(tokens[m], 1.0) for m in batches}
-        grads = jax.tree.map(jnp.zeros_like, params)
-        metrics: dict[str, Array] = {}
-        objective = jnp.zeros((), jnp.float32)
-        for m, batch in batches.items():  # static: one traced block per dataset
-            nll, g = dataset_grad(parts, params, frozen, batch, micro_batches[m], jnp.float32(weights[m]),
-                                  denoms[m])
-            grads = jax.tree.map(jnp.add, grads, g)
-            metrics[f"train/loss/{m}"] = nll / jnp.maximum(tokens[m], 1.0)
-            objective = objective + weights[m] * nll / denoms[m]
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
-        updates, new_opt = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
-        # A non-finite loss or gradient leaves parameters and optimiser state untouched.
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_state = dict(
-            step=state["step"] + 1,
-            params=keep(new_params, params),
-            opt_state=keep(new_opt, state["opt_state"]),
-            skipped=state["skipped"] + (~finite).astype(jnp.int32),
-            consecutive_skips=jnp.where(finite, 0, state["consecutive_skips"] + 1),
-        )
-        metrics.update({
-            "train/loss": objective,
-            "train/grad_norm": grad_norm,
-            "train/lr": lr_schedule(state["step"]),
-            "train/skipped_updates": new_state["skipped"],
-            "train/consecutive_skips": new_state["consecutive_skips"],
-            "train/tokens": sum(tokens.values()),
-        })
-        return new_state, metrics
+        grads, metrics = mixture_grads(parts, state["params"], frozen, batches, weights, micro_batches, strategy)
+        new_state, update_metrics = apply_update(state, grads, metrics["train/loss"], tx)
+        return new_state, {**metrics, **update_metrics, "train/lr": lr_schedule(state["step"])}
 
     return step
 
@@ -165,8 +208,10 @@ def make_eval_step(parts: ModelParts) -> Callable[[PyTree, PyTree, Batch], dict[
 
     def step(params: PyTree, frozen: PyTree, batch: Batch) -> dict[str, Array]:
         shuffled = dict(batch, media=jnp.roll(batch["media"], 1, axis=0))
-        return dict(nll=batch_nll(parts, params, frozen, batch),
-                    nll_shuffled=batch_nll(parts, params, frozen, shuffled),
-                    tokens=jnp.sum(batch["loss_mask"]))
+        return dict(
+            nll=batch_nll(parts, params, frozen, batch),
+            nll_shuffled=batch_nll(parts, params, frozen, shuffled),
+            tokens=jnp.sum(batch["loss_mask"]),
+        )
 
     return step

@@ -21,7 +21,9 @@ Loaders (`flamingo_jax.data.loader`), Grain:
               train, num_epochs=None, worker_count=0) -> LoaderIterator
     next() -> {media u8[B,M,T,S,S,3], media_mask bool[B,M], tokens i32[B,L], targets i32[B,L],
                loss_mask f32[B,L], link_next bool[B]};  get_state() -> bytes (JSON), set_state(state);
-    .skipped / .metrics (load-time decode failures, batches, seconds waited in next()).
+    .skipped / .metrics (load-time decode failures, batches, seconds waited in next()), .close().
+    Infinite when train=True, one pass (partial last batch dropped) when train=False or num_epochs=1;
+    a background thread prefetches `prefetch_batches` batches; worker_count > 0 adds Grain processes.
   make_mixture(data_cfg, *, tokenizer, image_size, seed, process_index, process_count,
                per_host_batch_sizes) -> {name: LoaderIterator};  make_eval_mixture(...) (one pass, eval split)
   get_state(iterators) -> {name: str};  set_state(iterators, states)
@@ -30,6 +32,7 @@ Synthetic data (`flamingo_jax.data.synthetic`):
   python -m flamingo_jax.data.synthetic --out=DIR [--seed --num_train --num_eval --image_size --build]
   prepare_synthetic(root, ...) -> {'tokenizer', 'data_dirs', 'reports'}   sources + builds, idempotent.
   synthetic_data_config(root) -> data ConfigDict of the mixture 'm3w', 'ltip', 'align', 'vtp'.
+  faults.add_broken_records(src_root) -> expected skip counts   (bad-input tests of the builders)
 
 Lower level: `preprocess` (image/video decoding, resize/crop, augmentation, frame sampling), `examples`
 (token sequences: caption packing, interleaved windows), `sources` (raw format readers).

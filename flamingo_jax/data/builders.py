@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import glob
 import inspect
 import json
+import logging
 import os
 import shutil
 import time
@@ -265,6 +267,23 @@ BUILDERS: dict[str, type[_SourceBuilder]] = {
 }
 
 
+class _NoMissingVariantWarning(logging.Filter):
+    """Drops TFDS's "Variant folder ... has no dataset_info.json", logged whenever a build starts."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Variant folder")
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    flt, logger = _NoMissingVariantWarning(), logging.getLogger("absl")
+    logger.addFilter(flt)
+    try:
+        yield
+    finally:
+        logger.removeFilter(flt)
+
+
 def _builder_cls(kind: str) -> type[_SourceBuilder]:
     if kind not in BUILDERS:
         raise ValueError(f"Unknown dataset kind {kind!r}; expected one of {sorted(BUILDERS)}.")
@@ -278,8 +297,10 @@ def build(kind: str, source_dir: str, data_dir: str, *, overwrite: bool = False)
     data_dir = os.fspath(data_dir)
     if overwrite:
         shutil.rmtree(os.path.join(data_dir, cls.name), ignore_errors=True)
-    builder = cls(source_dir=source_dir, data_dir=data_dir, file_format="array_record")
-    if builder.is_prepared():
+    with _quiet_tfds():
+        builder = cls(source_dir=source_dir, data_dir=data_dir, file_format="array_record")
+        prepared = builder.is_prepared()
+    if prepared:
         report = load_report(kind, data_dir)
         report["reused"] = True
         return report
@@ -311,8 +332,10 @@ def open_builder(kind: str, data_dir: str) -> _SourceBuilder:
             f"Data directory does not exist: {data_dir!r} (build it with "
             f"flamingo_jax.data.builders.build({kind!r}, SOURCE_DIR, {data_dir!r}))."
         )
-    builder = cls(data_dir=data_dir)
-    if not builder.is_prepared():
+    with _quiet_tfds():
+        builder = cls(data_dir=data_dir)
+        prepared = builder.is_prepared()
+    if not prepared:
         raise FileNotFoundError(f"No prepared {cls.name} dataset (kind {kind!r}) under {data_dir!r}.")
     return builder
 
@@ -330,8 +353,7 @@ def main(argv: list[str] | None = None) -> None:
             {k: v for k, v in report.items() if k != "splits"}
             | {
                 "splits": {
-                    s: {k: v for k, v in d.items() if k != "skipped_examples"}
-                    for s, d in report["splits"].items()
+                    s: {k: v for k, v in d.items() if k != "skipped_examples"} for s, d in report["splits"].items()
                 }
             },
             indent=2,

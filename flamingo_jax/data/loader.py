@@ -17,6 +17,8 @@ link_next), so a restored iterator state replays exactly, in any process.
 from __future__ import annotations
 
 import json
+import queue
+import threading
 import time
 import zlib
 from collections.abc import Mapping
@@ -28,6 +30,7 @@ import numpy as np
 from absl import flags
 
 from flamingo_jax.data import builders, examples, preprocess
+from flamingo_jax.data.global_batches import GlobalBatchSampler
 from flamingo_jax.data.tokenizer import Tokenizer
 
 KINDS = ("interleaved", "pairs", "video")
@@ -50,6 +53,7 @@ def default_dataset_config(kind: str) -> ml_collections.ConfigDict:
             "seq_len": 256 if interleaved else 32,
             "max_media": 5 if interleaved else 1,
             "frames": 8 if video else 1,
+            "eval_frames": 0,  # Frames when train=False (the paper: 30 for video); 0 means `frames`.
             "fps": 1.0,  # Video frame sampling rate.
             "p_next": 0.5 if interleaved else 0.0,
             "augment": True,  # Random flips + colour jitter (training only).
@@ -61,6 +65,7 @@ def default_dataset_config(kind: str) -> ml_collections.ConfigDict:
             "read_threads": 4,  # Grain record-reading threads per process.
             "prefetch_buffer_size": 64,
             "worker_buffer_size": 2,  # Batches each worker process prepares ahead.
+            "prefetch_batches": 2,  # Batches a background thread prepares ahead (0: in next()).
         }
     )
 
@@ -102,9 +107,7 @@ class ToExample(grain.RandomMapTransform):
                 ids, image_of = examples.document_ids(
                     texts, [bool(x) for x in element["is_image"]], self.tok, self.add_bos
                 )
-                ids, images = examples.window(
-                    ids, image_of, self.seq_len, self.max_media, self.tok, media_rng
-                )
+                ids, images = examples.window(ids, image_of, self.seq_len, self.max_media, self.tok, media_rng)
                 for slot, idx in enumerate(images):
                     media[slot] = self._image(element["images"][idx], media_rng)
                 link_next = bool(rng.random() < self.p_next)
@@ -144,19 +147,39 @@ class ToExample(grain.RandomMapTransform):
 
 
 class LoaderIterator:
-    """A Grain DataLoader iterator plus load-time counters and an invariant check on every batch.
+    """A Grain DataLoader iterator plus a prefetch thread, load-time counters and a check on every batch.
 
     `get_state()` returns JSON bytes (Grain's own state and the counters) and `set_state()` restores them,
     also in a fresh process, so that the following batches are exactly the ones the saved iterator would
     have given. It also quacks like Grain's iterator for `grain.python.PyGrainCheckpointHandler`.
+
+    With prefetch > 0 a background thread prepares that many batches ahead (decoding releases the GIL, so
+    this overlaps input with the train step even without worker processes). Each prefetched batch carries the
+    Grain state right after it, and get_state() reports the state after the last batch *returned*, so the
+    batches still in the queue are produced again after a restore, not lost.
     """
 
-    def __init__(self, loader: grain.DataLoader, *, name: str, image_id: int, num_records: int):
+    def __init__(
+        self,
+        loader: grain.DataLoader,
+        *,
+        name: str,
+        image_id: int,
+        num_records: int,
+        prefetch: int = 0,
+        sampler: GlobalBatchSampler | None = None,
+    ):
         self.name = name
+        self._sampler = sampler  # Rebuilds a state saved by another host/process count (set_state).
         self.num_records = num_records  # Records in this host's shard of the split, one epoch.
-        self._loader = loader
         self._image_id = image_id
         self._it = iter(loader)
+        self._prefetch = int(prefetch)
+        self._grain_state = self._it.get_state()  # After the last batch returned by __next__.
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._done: BaseException | None = None
         self.skipped = 0  # Records that failed to decode at load time (emitted fully masked).
         self.batches = 0
         self.wait_s = 0.0  # Time spent blocked in next(): the trainer's input-wait metric.
@@ -165,9 +188,22 @@ class LoaderIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        if self._done is not None:
+            raise self._done
         t0 = time.perf_counter()
-        batch = next(self._it)
+        if self._prefetch > 0:
+            if self._thread is None:
+                self._start()
+            batch, state, err = self._queue.get()
+            if err is not None:
+                self._done = err
+                self._stop_thread()
+                raise err
+        else:
+            batch = next(self._it)
+            state = None
         self.wait_s += time.perf_counter() - t0
+        self._grain_state = state
         batch = dict(batch)
         valid = np.asarray(batch.pop("_valid"))
         self.skipped += int(np.sum(~valid))
@@ -177,23 +213,63 @@ class LoaderIterator:
             raise RuntimeError(f"{self.name}: <image> tokens {n_img} do not match media_mask (a bug).")
         return batch
 
+    def _start(self) -> None:
+        self._stop = threading.Event()
+        self._queue = queue.Queue(maxsize=self._prefetch)
+        self._thread = threading.Thread(
+            target=self._produce, args=(self._queue, self._stop), name=f"prefetch-{self.name}", daemon=True
+        )
+        self._thread.start()
+
+    def _produce(self, q: queue.Queue, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                item = (next(self._it), self._it.get_state(), None)
+            except BaseException as e:  # Includes StopIteration: handed to the consumer, raised there.
+                item = (None, None, e)
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[2] is not None:
+                return
+
+    def _stop_thread(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()  # Finishes the batch in progress; the Grain iterator is then ours again.
+            self._thread, self._queue = None, None
+
     @property
     def metrics(self) -> dict[str, float]:
         return {"skipped": self.skipped, "batches": self.batches, "wait_s": self.wait_s}
 
     def get_state(self) -> bytes:
-        return json.dumps(
-            {"grain": self._it.get_state().decode(), "skipped": self.skipped, "batches": self.batches}
-        ).encode()
+        grain_state = self._grain_state if self._grain_state is not None else self._it.get_state()
+        return json.dumps({"grain": grain_state.decode(), "skipped": self.skipped, "batches": self.batches}).encode()
 
     def set_state(self, state: bytes | str) -> None:
         state = json.loads(state)
-        self._it.set_state(state["grain"].encode())
+        self._stop_thread()  # Prefetched batches belong to the old position: dropped, and made again.
+        grain_state = state["grain"]
+        if self._sampler is not None:
+            grain_state = self._sampler.adapt_state(grain_state, int(state["batches"]))
+        self._grain_state = grain_state.encode()
+        self._it.set_state(self._grain_state)
         self.skipped, self.batches = int(state["skipped"]), int(state["batches"])
+        self._done = None
 
     def start_prefetch(self) -> None:
-        if hasattr(self._it, "start_prefetch"):
-            self._it.start_prefetch()
+        """For PyGrainCheckpointHandler.restore; the prefetch thread starts on the first next() anyway."""
+
+    def close(self) -> None:
+        """Stops the prefetch thread and drops the Grain iterator (its worker processes and the shared
+        memory of batches in flight); the iterator cannot be used afterwards."""
+        self._stop_thread()
+        self._it = None
+        self._done = RuntimeError(f"{self.name}: iterator closed")
 
 
 def make_loader(
@@ -214,11 +290,14 @@ def make_loader(
 
     Training (train=True): globally shuffled by `seed`, repeated forever unless num_epochs is given, with
     augmentation. Evaluation: file order, one pass (num_epochs=1 by default), deterministic preprocessing.
-    Each host reads a disjoint shard (Grain ShardOptions(process_index, process_count)); a pass reads
-    floor(N / process_count) records per host (Grain drops the remainder, so all hosts run equally many
-    steps). The last partial batch is dropped.
+    Each host reads its rows of every global batch of `batch_size * process_count` records
+    (global_batches.GlobalBatchSampler): the hosts' reads are disjoint, and global batch t is the same for any
+    process count, so losses match across topologies and a checkpoint resumes on a different number of hosts.
+    A pass reads floor(N / global batch) whole global batches (all hosts run equally many steps).
     """
     cfg = with_defaults(ds_cfg)
+    if not train and cfg.eval_frames:
+        cfg.frames = int(cfg.eval_frames)
     builder = builders.open_builder(cfg.kind, cfg.data_dir)
     if split not in builder.info.splits:
         raise ValueError(f"Split {split!r} not in {cfg.data_dir!r} (has {sorted(builder.info.splits)}).")
@@ -228,10 +307,12 @@ def make_loader(
     if worker_count > 0 and not flags.FLAGS.is_parsed():
         # Grain workers read absl flags; a library caller may not have parsed them.
         flags.FLAGS.mark_as_parsed()
-    shard = grain.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=False)
-    sampler = grain.IndexSampler(
-        num_records=len(source),
-        shard_options=shard,
+    sampler = GlobalBatchSampler(
+        len(source),
+        process_index=process_index,
+        process_count=process_count,
+        host_batch_size=batch_size,
+        worker_count=worker_count,
         shuffle=train,
         num_epochs=num_epochs,
         seed=int(seed) % 2**31,
@@ -245,7 +326,7 @@ def make_loader(
         ],
         worker_count=worker_count,
         worker_buffer_size=int(cfg.worker_buffer_size),
-        shard_options=shard,
+        shard_options=grain.NoSharding(),  # the sampler already yields only this host's records
         read_options=grain.ReadOptions(
             num_threads=int(cfg.read_threads), prefetch_buffer_size=int(cfg.prefetch_buffer_size)
         ),
@@ -255,6 +336,8 @@ def make_loader(
         name=f"{cfg.kind}:{split}",
         image_id=tokenizer.image_id,
         num_records=len(source) // process_count,
+        prefetch=int(cfg.prefetch_batches),
+        sampler=sampler,
     )
 
 
@@ -290,9 +373,7 @@ def make_mixture(
         bs = (per_host_batch_sizes or {}).get(name)
         if bs is None:
             if cfg.batch_size % process_count:
-                raise ValueError(
-                    f"{name}: batch_size {cfg.batch_size} not divisible by {process_count} hosts."
-                )
+                raise ValueError(f"{name}: batch_size {cfg.batch_size} not divisible by {process_count} hosts.")
             bs = cfg.batch_size // process_count
         loaders[name] = make_loader(
             cfg,

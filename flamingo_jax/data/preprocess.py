@@ -7,6 +7,7 @@ resolution, the crop policy and the video frame rate are loader settings, not bu
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,7 +35,9 @@ def decode_image(data: bytes) -> np.ndarray:
     except MediaError:
         raise
     except Exception as e:
-        raise MediaError(f"undecodable image: {type(e).__name__}: {e}") from e
+        # Without object addresses, so that reports of identical builds are identical.
+        msg = re.sub(r" object at 0x[0-9a-f]+", "", str(e))
+        raise MediaError(f"undecodable image: {type(e).__name__}: {msg}") from e
     if arr.ndim != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
         raise MediaError(f"bad image shape {arr.shape}")
     return arr
@@ -60,9 +63,7 @@ def resize_crop(img: np.ndarray, size: int, rng: np.random.Generator | None, max
     return crop_frames(img[None], size, rng, max_scale)[0]
 
 
-def crop_frames(
-    frames: np.ndarray, size: int, rng: np.random.Generator | None, max_scale: float
-) -> np.ndarray:
+def crop_frames(frames: np.ndarray, size: int, rng: np.random.Generator | None, max_scale: float) -> np.ndarray:
     """`resize_crop` for [T, H, W, 3] with the same crop for all frames (a video must not jitter)."""
     h, w = frames.shape[1:3]
     s = 1.0 if rng is None else float(rng.uniform(1.0, max(1.0, max_scale)))
@@ -81,9 +82,7 @@ def _resize(img: np.ndarray, h: int, w: int) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))
 
 
-def augment(
-    frames: np.ndarray, rng: np.random.Generator, flip_prob: float, color_jitter: float
-) -> np.ndarray:
+def augment(frames: np.ndarray, rng: np.random.Generator, flip_prob: float, color_jitter: float) -> np.ndarray:
     """Random horizontal flip and brightness/contrast/saturation jitter, identical for all frames."""
     if flip_prob > 0 and rng.random() < flip_prob:
         frames = frames[:, :, ::-1]
@@ -219,7 +218,8 @@ def _iter_frames(data: bytes, until: float | None, want_pixels: bool):
     except MediaError:
         raise
     except Exception as e:
-        raise MediaError(f"undecodable video: {type(e).__name__}: {e}") from e
+        msg = re.sub(r" object at 0x[0-9a-f]+", "", str(e))
+        raise MediaError(f"undecodable video: {type(e).__name__}: {msg}") from e
 
 
 def _duration(data: bytes, times: list[float]) -> float:

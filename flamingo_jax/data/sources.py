@@ -86,9 +86,7 @@ def list_splits(source_dir: str) -> list[str]:
         d for d in os.listdir(source_dir) if _SPLIT_RE.match(d) and os.path.isdir(os.path.join(source_dir, d))
     )
     if not splits:
-        raise FileNotFoundError(
-            f"No split sub-directories (e.g. 'train/', 'eval/') in source directory {source_dir!r}"
-        )
+        raise FileNotFoundError(f"No split sub-directories (e.g. 'train/', 'eval/') in source directory {source_dir!r}")
     return splits
 
 
@@ -165,9 +163,7 @@ def iter_tar(path: str, rel: str) -> Iterator[tuple[str, dict[str, bytes] | Skip
                 f = tar.extractfile(member)
                 cur[ext.lower()] = f.read() if f else b""
     except (tarfile.TarError, OSError, EOFError) as e:
-        if (
-            cur_key is not None
-        ):  # The last sample may be incomplete: drop it rather than risk a wrong pairing.
+        if cur_key is not None:  # The last sample may be incomplete: drop it rather than risk a wrong pairing.
             yield cur_key, Skipped(cur_key, "corrupt_tar", str(e))
         else:
             yield f"{rel}:?", Skipped(f"{rel}:?", "corrupt_tar", str(e))

@@ -93,7 +93,7 @@ NAMES = ("m3w", "ltip", "align", "vtp")
 KIND_OF = {"m3w": "interleaved", "ltip": "pairs", "align": "pairs", "vtp": "video"}
 WEIGHTS = {"m3w": 1.0, "ltip": 0.2, "align": 0.2, "vtp": 0.03}  # The paper's lambda_m.
 _MARKER = "synthetic.json"
-_FORMAT_VERSION = 1  # Bump when what is generated changes, so stale preparations are rebuilt.
+_FORMAT_VERSION = 2  # Bump when what is generated changes, so stale preparations are rebuilt.
 
 
 # --- Scenes, captions, rendering. --------------------------------------------------------------------
@@ -145,9 +145,7 @@ def describe(scene: list[Shape]) -> str:
     parts = []
     for colour, shape, cells in _groups(scene):
         noun = shape if len(cells) == 1 else shape + "s"
-        parts.append(
-            f"{_count(len(cells), colour)} {colour} {noun} " + " and ".join(PLACES[c] for c in cells)
-        )
+        parts.append(f"{_count(len(cells), colour)} {colour} {noun} " + " and ".join(PLACES[c] for c in cells))
     return _join(parts)
 
 
@@ -332,16 +330,10 @@ def _write_videos(split_dir: str, n: int, size: int, rng: np.random.Generator, f
         for i in range(n):
             frames, caption = _video(rng, size, fps)
             vid, page = f"{1000000 + i}", f"{(i // 50) * 50:06d}_{(i // 50) * 50 + 49:06d}"
-            ext = (
-                "webm" if i % 25 == 7 else "mp4"
-            )  # A few VP8/WebM files exercise the second container/codec.
-            write_video(
-                os.path.join(_mkdir(os.path.join(split_dir, "videos", page)), f"{vid}.{ext}"), frames, fps
-            )
+            ext = "webm" if i % 25 == 7 else "mp4"  # A few VP8/WebM files exercise the second container/codec.
+            write_video(os.path.join(_mkdir(os.path.join(split_dir, "videos", page)), f"{vid}.{ext}"), frames, fps)
             seconds = len(frames) // fps
-            writer.writerow(
-                [vid, f"https://example.invalid/{vid}.{ext}", f"PT00H00M{seconds:02d}S", page, caption]
-            )
+            writer.writerow([vid, f"https://example.invalid/{vid}.{ext}", f"PT00H00M{seconds:02d}S", page, caption])
             yield caption
 
 
@@ -384,30 +376,39 @@ def write_sources(
 
 
 def train_tokenizer(texts: list[str], path: str, vocab_size: int = 512) -> str:
-    """A small SentencePiece BPE model; no pad piece, so the pipeline's pad is base_vocab_size + 2.
+    """A SentencePiece BPE model of exactly `vocab_size` pieces; no pad piece (pad = base_vocab_size + 2).
 
-    BPE over whitespace-split words ends up with (almost) one piece per word of this small language, which
-    keeps captions short (~20 tokens) and readable.
+    BPE over whitespace-split words ends with about one piece per word of this small language, which keeps
+    captions short (~20 tokens) and readable. The language has fewer pieces than a round vocabulary size, so
+    the rest is filled with `<unusedK>` symbols: model configs can then state the vocabulary size up front.
     """
     import sentencepiece as spm
 
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        hard_vocab_limit=False,  # The synthetic language is small: take what it supports up to vocab_size.
-        character_coverage=1.0,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        num_threads=1,
-        minloglevel=2,
-    )
+    def train(size: int, filler: int) -> bytes:
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts),
+            model_writer=model,
+            vocab_size=size,
+            model_type="bpe",
+            hard_vocab_limit=filler >= 0,  # First pass (-1): as many pieces as the text supports.
+            user_defined_symbols=[f"<unused{k}>" for k in range(max(filler, 0))],
+            character_coverage=1.0,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            num_threads=1,
+            minloglevel=2,
+        )
+        return model.getvalue()
+
+    proto = train(vocab_size, -1)
+    natural = spm.SentencePieceProcessor(model_proto=proto).get_piece_size()
+    if natural < vocab_size:
+        proto = train(vocab_size, vocab_size - natural)
     with open(path, "wb") as f:
-        f.write(model.getvalue())
+        f.write(proto)
     return path
 
 
@@ -429,9 +430,7 @@ def synthetic_data_config(root: str, batch_sizes: dict[str, int] | None = None) 
         ds.source_dir = os.path.join(root, "sources", name)
         ds.weight = WEIGHTS[name]
         ds.batch_size = batch_sizes[name]
-        ds.augment = (
-            False  # Captions name colours and left/right: flips and colour jitter would falsify them.
-        )
+        ds.augment = False  # Captions name colours and left/right: flips and colour jitter would falsify them.
         cfg.datasets[name] = ds
     return cfg
 

@@ -29,9 +29,9 @@ def dot_product_attention(
         raise ValueError(f"attention implementation {implementation!r}: choose one of {IMPLEMENTATIONS}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} key/value heads")
-    return jax.nn.dot_product_attention(
-        q, k, v, mask=mask, is_causal=is_causal, implementation=implementation
-    ).astype(q.dtype)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=implementation).astype(
+        q.dtype
+    )
 
 
 def rotary_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:

@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flamingo_jax.models import layers as layers_lib
 from flamingo_jax.models import lm as lm_lib
-from flamingo_jax.models import nfnet, resampler, stacking, xattn
+from flamingo_jax.models import nfnet, resampler, stacking, vit, xattn
 
 Array = jax.Array
 
@@ -46,41 +47,75 @@ def check_trainable_patterns(model: nnx.Module, patterns: Sequence[str]) -> None
     paths = [path_str(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
     for pattern in patterns:
         if not any(re.fullmatch(pattern, p) for p in paths):
-            raise ValueError(f"model.trainable: pattern {pattern!r} matches no parameter "
-                             f"(parameters look like {paths[:3]} ...)")
+            raise ValueError(
+                f"model.trainable: pattern {pattern!r} matches no parameter (parameters look like {paths[:3]} ...)"
+            )
+
+
+VISION_KINDS = ("nfnet", "clip_vit")
 
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
     kind: str = "nfnet"
+    image_size: int = 320
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # kind == 'nfnet'
     variant: str | None = "F6"
     widths: tuple[int, ...] | None = None
     depths: tuple[int, ...] | None = None
     stem_widths: tuple[int, ...] | None = None
     group_size: int = 128
-    image_size: int = 320
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    activation: str = "scaled_gelu"  # 'scaled_gelu_tanh' for DeepMind's released weights
+    # kind == 'clip_vit' (CLIP ViT-L/14 by default)
+    patch_size: int = 14
+    width: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    mlp_dim: int = 4096
+
+    def vit_config(self) -> vit.ViTConfig:
+        return vit.ViTConfig(
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            width=self.width,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+        )
 
     def feature_dim(self) -> int:
+        if self.kind == "clip_vit":
+            return self.width
         if self.widths:
             return self.widths[-1]
         return nfnet.resolve_architecture(self.variant, self.widths, self.depths, None)[0][-1]
 
     def validate(self) -> None:
-        if self.kind != "nfnet":
-            raise ValueError(f"model.vision.kind: {self.kind!r} is not supported (choose 'nfnet')")
+        if self.kind not in VISION_KINDS:
+            raise ValueError(f"model.vision.kind: {self.kind!r}; choose one of {VISION_KINDS}")
+        if self.kind == "clip_vit":
+            if self.width % self.num_heads:
+                raise ValueError(f"model.vision.num_heads={self.num_heads} must divide width={self.width}")
+            if self.image_size % self.patch_size:
+                raise ValueError(f"model.vision.patch_size={self.patch_size} must divide image_size={self.image_size}")
+            return
+        layers_lib.activation(self.activation)
         try:
             widths, depths, _ = nfnet.resolve_architecture(self.variant, self.widths, self.depths, None)
         except ValueError as e:
             raise ValueError(f"model.vision: {e}") from e
         if len(widths) != len(nfnet.DEFAULT_STRIDES) or len(depths) != len(widths):
-            raise ValueError(f"model.vision.widths/depths need {len(nfnet.DEFAULT_STRIDES)} stages, got "
-                             f"{widths} / {depths}")
+            raise ValueError(
+                f"model.vision.widths/depths need {len(nfnet.DEFAULT_STRIDES)} stages, got {widths} / {depths}"
+            )
         for w in widths:
             if int(w * nfnet.BOTTLENECK_RATIO) % self.group_size:
-                raise ValueError(f"model.vision.group_size={self.group_size} must divide every bottleneck "
-                                 f"width (half of each of {widths})")
+                raise ValueError(
+                    f"model.vision.group_size={self.group_size} must divide every bottleneck "
+                    f"width (half of each of {widths})"
+                )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +134,9 @@ class XAttnConfig:
     num_heads: int = 16
     head_dim: int = 128
     ffw_mult: int = 4
+    # The paper starts the tanh gates at 0. That escapes zero only with large batches; tiny CPU runs (the demo)
+    # start them slightly open, which gives up exact equality with the LM at initialisation.
+    gate_init: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +146,10 @@ class FlamingoConfig:
     xattn: XAttnConfig
     lm: lm_lib.LMConfig
     trainable: tuple[str, ...] = DEFAULT_TRAINABLE
+    # Pretrained frozen towers: a Hugging Face LM directory (its config.json replaces `lm`), and for the vision
+    # encoder a safetensors file from `flamingo_jax.pretrained.nfnet_convert` or a Hugging Face CLIP directory.
+    lm_pretrained: str = ""
+    vision_pretrained: str = ""
     dtype: str = "float32"
     param_dtype: str = "float32"
     frozen_param_dtype: str = "float32"
@@ -126,8 +168,19 @@ class FlamingoConfig:
                 raise ValueError(f"model.{key}: unknown fields {unknown}")
             return kls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
-        vision, res, xa = sub(VisionConfig, "vision"), sub(ResamplerConfig, "resampler"), sub(XAttnConfig, "xattn")
-        lm = lm_lib.LMConfig.from_dict(dict(d.pop("lm")))
+        vision, res, xa = (
+            sub(VisionConfig, "vision"),
+            sub(ResamplerConfig, "resampler"),
+            sub(XAttnConfig, "xattn"),
+        )
+        lm_dict = dict(d.pop("lm"))
+        if d.get("lm_pretrained"):
+            from flamingo_jax.pretrained import hf_lm
+
+            # The architecture is the checkpoint's; only settings that are not architecture carry over.
+            hf = hf_lm.lm_config_from_hf(d["lm_pretrained"], num_added_tokens=lm_dict.get("num_added_tokens", 3))
+            lm_dict = {**hf, **{k: v for k, v in lm_dict.items() if k in ("max_len",)}}
+        lm = lm_lib.LMConfig.from_dict(lm_dict)
         if "trainable" in d:
             d["trainable"] = tuple(d["trainable"])
         return cls(vision=vision, resampler=res, xattn=xa, lm=lm, **d)
@@ -143,20 +196,21 @@ class FlamingoConfig:
     def validate(self) -> None:
         """Fails, naming the field, on any combination that cannot be built. Allocates nothing."""
         self.lm.validate("model.lm")
-        for name, value in [("model.resampler.num_layers", self.resampler.num_layers),
-                            ("model.resampler.num_latents", self.resampler.num_latents),
-                            ("model.resampler.num_heads", self.resampler.num_heads),
-                            ("model.resampler.head_dim", self.resampler.head_dim),
-                            ("model.resampler.max_frames", self.resampler.max_frames),
-                            ("model.xattn.every", self.xattn.every),
-                            ("model.xattn.num_heads", self.xattn.num_heads),
-                            ("model.xattn.head_dim", self.xattn.head_dim),
-                            ("model.vision.image_size", self.vision.image_size)]:
+        for name, value in [
+            ("model.resampler.num_layers", self.resampler.num_layers),
+            ("model.resampler.num_latents", self.resampler.num_latents),
+            ("model.resampler.num_heads", self.resampler.num_heads),
+            ("model.resampler.head_dim", self.resampler.head_dim),
+            ("model.resampler.max_frames", self.resampler.max_frames),
+            ("model.xattn.every", self.xattn.every),
+            ("model.xattn.num_heads", self.xattn.num_heads),
+            ("model.xattn.head_dim", self.xattn.head_dim),
+            ("model.vision.image_size", self.vision.image_size),
+        ]:
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
         if self.xattn.every > self.lm.num_layers:
-            raise ValueError(f"model.xattn.every={self.xattn.every} exceeds model.lm.num_layers="
-                             f"{self.lm.num_layers}")
+            raise ValueError(f"model.xattn.every={self.xattn.every} exceeds model.lm.num_layers={self.lm.num_layers}")
         for name in ("dtype", "param_dtype", "frozen_param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"model.{name}: {getattr(self, name)!r} is not float32/bfloat16/float16")
@@ -178,23 +232,65 @@ class Flamingo(nnx.Module):
         self.cfg = cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         v = cfg.vision
-        self.vision = nfnet.NFNet(v.variant, widths=v.widths, depths=v.depths, stem_widths=v.stem_widths,
-                                  group_size=v.group_size, num_classes=None, remat=cfg.remat, dtype=dtype,
-                                  param_dtype=pdtype, rngs=rngs)
+        if v.kind == "clip_vit":
+            self.vision = vit.VisionTransformer(
+                v.vit_config(),
+                dtype=dtype,
+                param_dtype=pdtype,
+                attention_impl=cfg.attention,
+                remat=cfg.remat,
+                rngs=rngs,
+            )
+        else:
+            self.vision = nfnet.NFNet(
+                v.variant,
+                widths=v.widths,
+                depths=v.depths,
+                stem_widths=v.stem_widths,
+                group_size=v.group_size,
+                activation=v.activation,
+                num_classes=None,
+                remat=cfg.remat,
+                dtype=dtype,
+                param_dtype=pdtype,
+                rngs=rngs,
+            )
         r = cfg.resampler
         vision_dim = v.feature_dim()
         self.resampler = resampler.PerceiverResampler(
-            vision_dim, num_layers=r.num_layers, num_latents=r.num_latents, num_heads=r.num_heads,
-            head_dim=r.head_dim, ffw_mult=r.ffw_mult, max_frames=r.max_frames, dtype=dtype, param_dtype=pdtype,
-            attention_impl=cfg.attention, remat=cfg.remat, rngs=rngs)
+            vision_dim,
+            num_layers=r.num_layers,
+            num_latents=r.num_latents,
+            num_heads=r.num_heads,
+            head_dim=r.head_dim,
+            ffw_mult=r.ffw_mult,
+            max_frames=r.max_frames,
+            dtype=dtype,
+            param_dtype=pdtype,
+            attention_impl=cfg.attention,
+            remat=cfg.remat,
+            rngs=rngs,
+        )
         x = cfg.xattn
         self.xattn = stacking.stack(
-            lambda rr: xattn.GatedCrossAttention(cfg.lm.dim, vision_dim, num_heads=x.num_heads,
-                                                 head_dim=x.head_dim, ffw_mult=x.ffw_mult, dtype=dtype,
-                                                 param_dtype=pdtype, attention_impl=cfg.attention, rngs=rr),
-            cfg.num_xattn, rngs)
-        self.lm = lm_lib.DecoderLM(cfg.lm, dtype=dtype, param_dtype=pdtype, attention_impl=cfg.attention,
-                                   remat=cfg.remat, rngs=rngs)
+            lambda rr: xattn.GatedCrossAttention(
+                cfg.lm.dim,
+                vision_dim,
+                num_heads=x.num_heads,
+                head_dim=x.head_dim,
+                ffw_mult=x.ffw_mult,
+                gate_init=x.gate_init,
+                dtype=dtype,
+                param_dtype=pdtype,
+                attention_impl=cfg.attention,
+                rngs=rr,
+            ),
+            cfg.num_xattn,
+            rngs,
+        )
+        self.lm = lm_lib.DecoderLM(
+            cfg.lm, dtype=dtype, param_dtype=pdtype, attention_impl=cfg.attention, remat=cfg.remat, rngs=rngs
+        )
         vision_paths = [path_str(("vision", *p)) for p, _ in nnx.to_flat_state(nnx.state(self.vision, nnx.Param))]
         self.vision_trains = any(re.fullmatch(p, vp) for p in cfg.trainable for vp in vision_paths)
 
@@ -210,14 +306,16 @@ class Flamingo(nnx.Module):
         feats = self.vision.features(x.reshape(b * n * t, h, w, c).astype(dtype))
         if not self.vision_trains:
             feats = jax.lax.stop_gradient(feats)  # frozen: no backward pass through the encoder at all
-        _, fh, fw, fc = feats.shape
-        tokens = self.resampler(feats.reshape(b * n, t, fh * fw, fc))
+        # NFNet gives a spatial grid [*, h, w, c], a ViT a token sequence [*, s, c]: both become s = h * w tokens.
+        feats = feats.reshape(b * n, t, -1, feats.shape[-1])
+        tokens = self.resampler(feats)
         return tokens.reshape(b, n, *tokens.shape[1:])
 
     # -- text ------------------------------------------------------------------------------------------------
     def _hook(self, visual: Array, idx: Array) -> lm_lib.CrossAttentionHook:
-        return lm_lib.CrossAttentionHook(self.xattn, self.cfg.xattn.every,
-                                         lambda block, h: block(h, visual.astype(h.dtype), idx))
+        return lm_lib.CrossAttentionHook(
+            self.xattn, self.cfg.xattn.every, lambda block, h: block(h, visual.astype(h.dtype), idx)
+        )
 
     def __call__(self, media: Array, ids: Array, *, link_next: Array | None = None) -> Array:
         """Logits [B, L, vocab + added] (float32)."""
@@ -232,8 +330,14 @@ class Flamingo(nnx.Module):
         cache["images_before"] = jnp.zeros((batch,), jnp.int32)
         return cache
 
-    def decode(self, visual: Array, ids: Array, cache: dict[str, Array], *, token_mask: Array | None = None,
-               ) -> tuple[Array, dict[str, Array]]:
+    def decode(
+        self,
+        visual: Array,
+        ids: Array,
+        cache: dict[str, Array],
+        *,
+        token_mask: Array | None = None,
+    ) -> tuple[Array, dict[str, Array]]:
         """One chunk (the prompt, then one token at a time) against visual tokens computed once."""
         if token_mask is None:
             token_mask = jnp.ones(ids.shape, bool)

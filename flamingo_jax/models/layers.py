@@ -92,7 +92,7 @@ class DenseGeneral(nnx.Module):
             kernel_init = nnx.initializers.normal(1.0 / math.sqrt(fan_in))
         self.kernel = param(rngs, kernel_init, self.in_shape + self.out_shape, axes, param_dtype)
         self.bias = (
-            param(rngs, nnx.initializers.zeros, self.out_shape, tuple(axes)[len(self.in_shape):], param_dtype)
+            param(rngs, nnx.initializers.zeros, self.out_shape, tuple(axes)[len(self.in_shape) :], param_dtype)
             if use_bias
             else None
         )
@@ -113,8 +113,15 @@ class DenseGeneral(nnx.Module):
 class RMSNorm(nnx.Module):
     """Root-mean-square norm; statistics in float32 whatever the compute dtype."""
 
-    def __init__(self, dim: int, *, eps: float = 1e-6, axis_name: str = "embed",
-                 param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        eps: float = 1e-6,
+        axis_name: str = "embed",
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.eps = eps
         self.scale = param(rngs, nnx.initializers.ones, (dim,), (axis_name,), param_dtype)
 
@@ -127,8 +134,16 @@ class RMSNorm(nnx.Module):
 class LayerNorm(nnx.Module):
     """LayerNorm with optional bias; statistics in float32 whatever the compute dtype."""
 
-    def __init__(self, dim: int, *, eps: float = 1e-5, use_bias: bool = True, axis_name: str = "embed",
-                 param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        eps: float = 1e-5,
+        use_bias: bool = True,
+        axis_name: str = "embed",
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.eps = eps
         self.scale = param(rngs, nnx.initializers.ones, (dim,), (axis_name,), param_dtype)
         self.bias = param(rngs, nnx.initializers.zeros, (dim,), (axis_name,), param_dtype) if use_bias else None
@@ -143,8 +158,9 @@ class LayerNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
-def make_norm(kind: str, dim: int, *, eps: float, param_dtype: jnp.dtype, rngs: nnx.Rngs,
-              axis_name: str = "embed") -> RMSNorm | LayerNorm:
+def make_norm(
+    kind: str, dim: int, *, eps: float, param_dtype: jnp.dtype, rngs: nnx.Rngs, axis_name: str = "embed"
+) -> RMSNorm | LayerNorm:
     if kind == "rms":
         return RMSNorm(dim, eps=eps, axis_name=axis_name, param_dtype=param_dtype, rngs=rngs)
     if kind == "layer":

@@ -26,14 +26,23 @@ Array = jax.Array
 
 FAMILIES: dict[str, dict[str, Any]] = {
     # Chinchilla: pre-norm RMSNorm, GELU FFN 4x, relative positions (rotary here), untied embeddings.
-    "chinchilla": dict(norm="rms", norm_eps=1e-6, mlp_act="gelu", gated_mlp=False, positions="rope",
-                       tie_embeddings=False),
+    "chinchilla": dict(
+        norm="rms", norm_eps=1e-6, mlp_act="gelu", gated_mlp=False, positions="rope", tie_embeddings=False
+    ),
     # LLaMA/Qwen2/Mistral: RMSNorm, SwiGLU, RoPE, grouped-query attention (Qwen2 adds q/k/v biases).
-    "llama": dict(norm="rms", norm_eps=1e-5, mlp_act="silu", gated_mlp=True, positions="rope",
-                  tie_embeddings=False),
+    "llama": dict(norm="rms", norm_eps=1e-5, mlp_act="silu", gated_mlp=True, positions="rope", tie_embeddings=False),
     # GPT-2: learned positions, LayerNorm with bias, tanh-GELU, biases everywhere, tied embeddings.
-    "gpt2": dict(norm="layer", norm_eps=1e-5, mlp_act="gelu_tanh", gated_mlp=False, positions="learned",
-                 qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True),
+    "gpt2": dict(
+        norm="layer",
+        norm_eps=1e-5,
+        mlp_act="gelu_tanh",
+        gated_mlp=False,
+        positions="learned",
+        qkv_bias=True,
+        out_bias=True,
+        mlp_bias=True,
+        tie_embeddings=True,
+    ),
 }
 
 
@@ -103,8 +112,7 @@ class Embedding(nnx.Module):
         init = nnx.initializers.normal(cfg.init_std)
         self.vocab_size = cfg.vocab_size
         self.base = layers.param(rngs, init, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), param_dtype)
-        self.added = layers.param(rngs, init, (cfg.num_added_tokens, cfg.dim), ("added_vocab", "embed"),
-                                  param_dtype)
+        self.added = layers.param(rngs, init, (cfg.num_added_tokens, cfg.dim), ("added_vocab", "embed"), param_dtype)
 
     def __call__(self, ids: Array, dtype: jnp.dtype) -> Array:
         # A gather per table instead of concatenating them: no copy of a [vocab, embed] matrix per step, and
@@ -129,8 +137,7 @@ class OutputHead(nnx.Module):
     def __init__(self, cfg: LMConfig, *, param_dtype: jnp.dtype, rngs: nnx.Rngs):
         init = nnx.initializers.normal(1.0 / math.sqrt(cfg.dim))
         self.base = layers.param(rngs, init, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), param_dtype)
-        self.added = layers.param(rngs, init, (cfg.dim, cfg.num_added_tokens), ("embed", "added_vocab"),
-                                  param_dtype)
+        self.added = layers.param(rngs, init, (cfg.dim, cfg.num_added_tokens), ("embed", "added_vocab"), param_dtype)
 
     def __call__(self, h: Array) -> Array:
         dims = (((h.ndim - 1,), (0,)), ((), ()))
@@ -141,21 +148,21 @@ class OutputHead(nnx.Module):
 
 
 class SelfAttention(nnx.Module):
-    def __init__(self, cfg: LMConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, attention_impl: str,
-                 rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                  kernel_init=nnx.initializers.normal(cfg.init_std))
+    def __init__(self, cfg: LMConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, attention_impl: str, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, kernel_init=nnx.initializers.normal(cfg.init_std))
         h, kvh, hd, d = cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.dim
         self.q = layers.DenseGeneral(d, (h, hd), ("embed", "heads", "head_dim"), use_bias=cfg.qkv_bias, **kw)
-        self.k = layers.DenseGeneral(d, (kvh, hd), ("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias,
-                                     **kw)
-        self.v = layers.DenseGeneral(d, (kvh, hd), ("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias,
-                                     **kw)
+        self.k = layers.DenseGeneral(d, (kvh, hd), ("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias, **kw)
+        self.v = layers.DenseGeneral(d, (kvh, hd), ("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias, **kw)
         self.o = layers.DenseGeneral((h, hd), d, ("heads", "head_dim", "embed"), use_bias=cfg.out_bias, **kw)
         self.attention_impl = attention_impl
 
-    def __call__(self, x: Array, rope: tuple[Array, Array] | None, cache: dict[str, Array] | None,
-                 ) -> tuple[Array, dict[str, Array] | None]:
+    def __call__(
+        self,
+        x: Array,
+        rope: tuple[Array, Array] | None,
+        cache: dict[str, Array] | None,
+    ) -> tuple[Array, dict[str, Array] | None]:
         q, k, v = self.q(x), self.k(x), self.v(x)
         q = sharding.constrain(q, ("batch", "length", "heads", "head_dim"))
         if rope is not None:
@@ -170,25 +177,36 @@ class SelfAttention(nnx.Module):
             slots = jnp.arange(k_all.shape[1])
             causal = slots[None, :] <= end + jnp.arange(q.shape[1])[:, None]
             mask = causal[None, None] & cache["valid"][:, None, None, :]
-            out = attention.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask,
-                                                  implementation="xla")
+            out = attention.dot_product_attention(
+                q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask, implementation="xla"
+            )
             cache = dict(cache, k=k_all, v=v_all)
         return self.o(out), cache
 
 
 class DecoderBlock(nnx.Module):
-    def __init__(self, cfg: LMConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, attention_impl: str,
-                 rngs: nnx.Rngs):
+    def __init__(self, cfg: LMConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, attention_impl: str, rngs: nnx.Rngs):
         norm = dict(eps=cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.attn_norm = layers.make_norm(cfg.norm, cfg.dim, **norm)
-        self.attn = SelfAttention(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-                                  rngs=rngs)
+        self.attn = SelfAttention(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs)
         self.mlp_norm = layers.make_norm(cfg.norm, cfg.dim, **norm)
-        self.mlp = layers.FeedForward(cfg.dim, cfg.mlp_dim, act=cfg.mlp_act, gated=cfg.gated_mlp,
-                                      use_bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = layers.FeedForward(
+            cfg.dim,
+            cfg.mlp_dim,
+            act=cfg.mlp_act,
+            gated=cfg.gated_mlp,
+            use_bias=cfg.mlp_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
 
-    def __call__(self, h: Array, rope: tuple[Array, Array] | None, cache: dict[str, Array] | None,
-                 ) -> tuple[Array, dict[str, Array] | None]:
+    def __call__(
+        self,
+        h: Array,
+        rope: tuple[Array, Array] | None,
+        cache: dict[str, Array] | None,
+    ) -> tuple[Array, dict[str, Array] | None]:
         a, cache = self.attn(self.attn_norm(h), rope, cache)
         h = h + a
         h = h + self.mlp(self.mlp_norm(h))
@@ -209,22 +227,35 @@ class CrossAttentionHook:
 
 
 class DecoderLM(nnx.Module):
-    def __init__(self, cfg: LMConfig, *, dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
-                 attention_impl: str = "xla", remat: str = "none", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: LMConfig,
+        *,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        attention_impl: str = "xla",
+        remat: str = "none",
+        rngs: nnx.Rngs,
+    ):
         cfg.validate()
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
         self.embed = Embedding(cfg, param_dtype=param_dtype, rngs=rngs)
         if cfg.positions == "learned":
-            self.pos_embed = layers.param(rngs, nnx.initializers.normal(cfg.init_std), (cfg.max_len, cfg.dim),
-                                          ("length", "embed"), param_dtype)
+            self.pos_embed = layers.param(
+                rngs,
+                nnx.initializers.normal(cfg.init_std),
+                (cfg.max_len, cfg.dim),
+                ("length", "embed"),
+                param_dtype,
+            )
         self.layers = stacking.stack(
-            lambda r: DecoderBlock(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-                                   rngs=r),
-            cfg.num_layers, rngs)
-        self.final_norm = layers.make_norm(cfg.norm, cfg.dim, eps=cfg.norm_eps, param_dtype=param_dtype,
-                                           rngs=rngs)
+            lambda r: DecoderBlock(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=r),
+            cfg.num_layers,
+            rngs,
+        )
+        self.final_norm = layers.make_norm(cfg.norm, cfg.dim, eps=cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.head = None if cfg.tie_embeddings else OutputHead(cfg, param_dtype=param_dtype, rngs=rngs)
 
     # -- cache -----------------------------------------------------------------------------------------------
@@ -232,13 +263,23 @@ class DecoderLM(nnx.Module):
         cfg = self.cfg
         shape = (cfg.num_layers, batch, max_len, cfg.kv_heads, cfg.head_dim)
         dtype = dtype or self.dtype
-        return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                    valid=jnp.zeros((batch, max_len), bool), end=jnp.zeros((), jnp.int32),
-                    next_pos=jnp.zeros((batch,), jnp.int32))
+        return dict(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            valid=jnp.zeros((batch, max_len), bool),
+            end=jnp.zeros((), jnp.int32),
+            next_pos=jnp.zeros((batch,), jnp.int32),
+        )
 
     # -- forward ---------------------------------------------------------------------------------------------
-    def __call__(self, ids: Array, *, token_mask: Array | None = None, cache: dict[str, Array] | None = None,
-                 hook: CrossAttentionHook | None = None) -> tuple[Array, dict[str, Array] | None]:
+    def __call__(
+        self,
+        ids: Array,
+        *,
+        token_mask: Array | None = None,
+        cache: dict[str, Array] | None = None,
+        hook: CrossAttentionHook | None = None,
+    ) -> tuple[Array, dict[str, Array] | None]:
         """Logits [B, L, vocab + added] in float32, and the updated cache (None without one).
 
         `token_mask` [B, L] marks real tokens: with a cache, padded prompt positions are never attended and do
@@ -268,15 +309,20 @@ class DecoderLM(nnx.Module):
             shared = {}
         h, layer_cache = self._run_layers(h, rope, layer_cache, shared, hook)
         if cache is not None:
-            cache = dict(k=layer_cache["k"], v=layer_cache["v"], valid=shared["valid"],
-                         end=cache["end"] + length,
-                         next_pos=cache["next_pos"] + jnp.sum(token_mask, axis=1, dtype=jnp.int32))
+            cache = dict(
+                k=layer_cache["k"],
+                v=layer_cache["v"],
+                valid=shared["valid"],
+                end=cache["end"] + length,
+                next_pos=cache["next_pos"] + jnp.sum(token_mask, axis=1, dtype=jnp.int32),
+            )
         h = self.final_norm(h)
         logits = self.embed.attend(h) if self.head is None else self.head(h)
         return sharding.constrain(logits, ("batch", "length", "vocab")), cache
 
-    def _run_layers(self, h: Array, rope: Any, layer_cache: dict | None, shared: dict,
-                    hook: CrossAttentionHook | None) -> tuple[Array, dict | None]:
+    def _run_layers(
+        self, h: Array, rope: Any, layer_cache: dict | None, shared: dict, hook: CrossAttentionHook | None
+    ) -> tuple[Array, dict | None]:
         graphdef, state = nnx.split(self.layers)
         n = self.cfg.num_layers
 
@@ -310,23 +356,31 @@ class DecoderLM(nnx.Module):
             def f(x: Array) -> Array:
                 x = x[start:stop]
                 return x if groups is None else x.reshape(groups, every, *x.shape[1:])
+
             return jax.tree.map(f, tree)
 
         caches = []
         if full:
+
             def outer(h: Array, xs: tuple) -> tuple[Array, Any]:
                 st, block_state, c = xs
                 return group(st, c, h, block_state)
 
-            xs = (regroup(state, 0, full * every, full), regroup(hook_state, 0, full, None),
-                  None if layer_cache is None else regroup(layer_cache, 0, full * every, full))
+            xs = (
+                regroup(state, 0, full * every, full),
+                regroup(hook_state, 0, full, None),
+                None if layer_cache is None else regroup(layer_cache, 0, full * every, full),
+            )
             h, c = jax.lax.scan(outer, h, xs)
             if c is not None:
                 caches.append(jax.tree.map(lambda x: x.reshape(full * every, *x.shape[2:]), c))
         if rem:
-            h, c = group(regroup(state, full * every, n, None),
-                         None if layer_cache is None else regroup(layer_cache, full * every, n, None),
-                         h, jax.tree.map(lambda x: x[full], hook_state))
+            h, c = group(
+                regroup(state, full * every, n, None),
+                None if layer_cache is None else regroup(layer_cache, full * every, n, None),
+                h,
+                jax.tree.map(lambda x: x[full], hook_state),
+            )
             if c is not None:
                 caches.append(c)
         if layer_cache is None:

@@ -70,8 +70,9 @@ class WSConv2D(nnx.Module):
         self.groups = groups
         self.dtype = dtype
         shape = (kernel_size, kernel_size, in_ch // groups, out_ch)
-        self.kernel = layers.param(rngs, _variance_scaling_normal(), shape,
-                                   ("conv_h", "conv_w", "conv_in", "conv_out"), param_dtype)
+        self.kernel = layers.param(
+            rngs, _variance_scaling_normal(), shape, ("conv_h", "conv_w", "conv_in", "conv_out"), param_dtype
+        )
         self.gain = layers.param(rngs, nnx.initializers.ones, (out_ch,), ("conv_out",), param_dtype)
         self.bias = layers.param(rngs, nnx.initializers.zeros, (out_ch,), ("conv_out",), param_dtype)
 
@@ -99,14 +100,21 @@ class WSConv2D(nnx.Module):
 class SqueezeExcite(nnx.Module):
     """Channel gates `sigmoid(fc1(relu(fc0(mean_hw(x)))))`, shaped [B, 1, 1, C]."""
 
-    def __init__(self, ch: int, hidden: int, *, dtype: jnp.dtype = jnp.float32,
-                 param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        ch: int,
+        hidden: int,
+        *,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
-        self.fc0 = layers.DenseGeneral(ch, hidden, ("channels", "channels"),
-                                       kernel_init=_haiku_linear_init(ch), **kw)
-        self.fc1 = layers.DenseGeneral(hidden, ch, ("channels", "channels"),
-                                       kernel_init=_haiku_linear_init(hidden), **kw)
+        self.fc0 = layers.DenseGeneral(ch, hidden, ("channels", "channels"), kernel_init=_haiku_linear_init(ch), **kw)
+        self.fc1 = layers.DenseGeneral(
+            hidden, ch, ("channels", "channels"), kernel_init=_haiku_linear_init(hidden), **kw
+        )
 
     def __call__(self, x: Array) -> Array:
         # Pool in float32: a bf16 sum over a 40x40 grid loses most of its mantissa.
@@ -152,7 +160,8 @@ class NFBlock(nnx.Module):
         if width < group_size or width % group_size:
             raise ValueError(
                 f"group_size={group_size} must divide the bottleneck width {width} "
-                f"(= {BOTTLENECK_RATIO} * {out_ch} from widths)")
+                f"(= {BOTTLENECK_RATIO} * {out_ch} from widths)"
+            )
         self.stride = stride
         self.alpha = alpha
         self.act = layers.activation(activation)
@@ -212,15 +221,13 @@ class NFBlock(nnx.Module):
 class NFStage(nnx.Module):
     """A stage: its transition block (stride, width change) and the stacked remaining blocks (or None)."""
 
-    def __init__(self, in_ch: int, out_ch: int, depth: int, *, stride: int, block_kw: dict[str, Any],
-                 rngs: nnx.Rngs):
+    def __init__(self, in_ch: int, out_ch: int, depth: int, *, stride: int, block_kw: dict[str, Any], rngs: nnx.Rngs):
         self.first = NFBlock(in_ch, out_ch, stride=stride, rngs=rngs, **block_kw)
         make = lambda r: NFBlock(out_ch, out_ch, stride=1, rngs=r, **block_kw)
         self.rest = stacking.stack(make, depth - 1, rngs) if depth > 1 else None
 
 
-def _call_block(block: NFBlock, x: Array, beta: Any, rate: Any, key: Array | None, train: bool,
-                remat: str) -> Array:
+def _call_block(block: NFBlock, x: Array, beta: Any, rate: Any, key: Array | None, train: bool, remat: str) -> Array:
     if remat == "none":
         return block(x, beta=beta, stochdepth_rate=rate, train=train, rng=key)
     graphdef, state = nnx.split(block)
@@ -232,14 +239,14 @@ def _call_block(block: NFBlock, x: Array, beta: Any, rate: Any, key: Array | Non
     return f(state, x, beta, rate, key)
 
 
-def resolve_architecture(variant: str | None, widths: Sequence[int] | None, depths: Sequence[int] | None,
-                    drop_rate: float | None) -> tuple[tuple[int, ...], tuple[int, ...], float]:
+def resolve_architecture(
+    variant: str | None, widths: Sequence[int] | None, depths: Sequence[int] | None, drop_rate: float | None
+) -> tuple[tuple[int, ...], tuple[int, ...], float]:
     base: dict[str, Any] = {}
     if variant is not None:
         key = variant.upper()
         if key not in NFNET_VARIANTS:
-            raise ValueError(
-                f"unknown NFNet variant {variant!r}; choose one of {sorted(NFNET_VARIANTS)} or None")
+            raise ValueError(f"unknown NFNet variant {variant!r}; choose one of {sorted(NFNET_VARIANTS)} or None")
         base = NFNET_VARIANTS[key]
     elif widths is None or depths is None:
         raise ValueError("NFNet(variant=None) needs explicit widths and depths")
@@ -283,8 +290,7 @@ class NFNet(nnx.Module):
         widths, depths, drop_rate = resolve_architecture(variant, widths, depths, drop_rate)
         strides = tuple(int(s) for s in strides)
         if not len(widths) == len(depths) == len(strides):
-            raise ValueError(
-                f"widths {widths}, depths {depths} and strides {strides} must have equal lengths")
+            raise ValueError(f"widths {widths}, depths {depths} and strides {strides} must have equal lengths")
         if any(d < 1 for d in depths):
             raise ValueError(f"depths {depths}: every stage needs at least one block")
         if stem_widths is None:
@@ -293,19 +299,19 @@ class NFNet(nnx.Module):
         if len(stem_widths) == 3:
             stem_widths = (*stem_widths, widths[0] // 2)
         if len(stem_widths) != 4:
-            raise ValueError(
-                f"stem_widths {stem_widths}: give 3 or 4 widths (the 4th defaults to widths[0] // 2)")
+            raise ValueError(f"stem_widths {stem_widths}: give 3 or 4 widths (the 4th defaults to widths[0] // 2)")
         bottlenecks = [int(w * BOTTLENECK_RATIO) for w in widths]
         if any(b < group_size or b % group_size for b in bottlenecks):
-            raise ValueError(f"group_size={group_size} must divide every bottleneck width "
-                             f"({BOTTLENECK_RATIO} * widths = {bottlenecks})")
+            raise ValueError(
+                f"group_size={group_size} must divide every bottleneck width "
+                f"({BOTTLENECK_RATIO} * widths = {bottlenecks})"
+            )
         if not 0.0 <= stochdepth_rate < 1.0:
             raise ValueError(f"stochdepth_rate={stochdepth_rate} must be in [0, 1)")
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"drop_rate={drop_rate} must be in [0, 1)")
         if remat not in stacking.REMAT_POLICIES:
-            raise ValueError(
-                f"unknown remat policy {remat!r}; choose one of {sorted(stacking.REMAT_POLICIES)}")
+            raise ValueError(f"unknown remat policy {remat!r}; choose one of {sorted(stacking.REMAT_POLICIES)}")
 
         self.widths, self.depths, self.strides = widths, depths, strides
         self.drop_rate = drop_rate
@@ -319,8 +325,9 @@ class NFNet(nnx.Module):
         # Stem: three 3x3 convs (first strided), then a strided 3x3 to half the first stage width; no act at
         # the end because each block applies its own pre-activation.
         chans = (3, *stem_widths)
-        self.stem = nnx.List([WSConv2D(chans[i], chans[i + 1], 3, stride=2 if i in (0, 3) else 1, **conv)
-                              for i in range(4)])
+        self.stem = nnx.List(
+            [WSConv2D(chans[i], chans[i + 1], 3, stride=2 if i in (0, 3) else 1, **conv) for i in range(4)]
+        )
 
         # beta = 1/expected input std. As in the reference, a transition block sees the previous stage's
         # accumulated std; its output is reset to ~unit variance (the shortcut is a conv of a unit-variance
@@ -337,9 +344,15 @@ class NFNet(nnx.Module):
                 expected_std = math.sqrt(expected_std**2 + alpha**2)
         self.betas, self.block_rates = tuple(betas), tuple(rates)
 
-        block_kw = dict(group_size=group_size, se_ratio=se_ratio, alpha=alpha, activation=activation,
-                        stochdepth_scale_by_keep=stochdepth_scale_by_keep, dtype=dtype,
-                        param_dtype=param_dtype)
+        block_kw = dict(
+            group_size=group_size,
+            se_ratio=se_ratio,
+            alpha=alpha,
+            activation=activation,
+            stochdepth_scale_by_keep=stochdepth_scale_by_keep,
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
         stages, ch = [], stem_widths[-1]
         for w, d, s in zip(widths, depths, strides):
             stages.append(NFStage(ch, w, d, stride=s, block_kw=block_kw, rngs=rngs))
@@ -353,9 +366,16 @@ class NFNet(nnx.Module):
         else:
             final_ch = int(final_conv_mult * ch)
             self.final_conv = WSConv2D(ch, final_ch, 1, **conv)
-            self.fc = layers.DenseGeneral(final_ch, num_classes, ("channels", "classes"), use_bias=True,
-                                          kernel_init=nnx.initializers.normal(0.01), dtype=dtype,
-                                          param_dtype=param_dtype, rngs=rngs)
+            self.fc = layers.DenseGeneral(
+                final_ch,
+                num_classes,
+                ("channels", "classes"),
+                use_bias=True,
+                kernel_init=nnx.initializers.normal(0.01),
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
 
     @property
     def num_blocks(self) -> int:
@@ -378,22 +398,21 @@ class NFNet(nnx.Module):
         start = 0
         for stage, depth in zip(self.stages, self.depths):
             key = keys[start] if keys is not None else None
-            out = _call_block(stage.first, out, self.betas[start], self.block_rates[start], key, train,
-                              self.remat)
+            out = _call_block(stage.first, out, self.betas[start], self.block_rates[start], key, train, self.remat)
             out = sharding.constrain(out, _FEATURE_AXES)
             if stage.rest is not None:
                 out = self._apply_rest(stage.rest, out, start + 1, start + depth, keys, train)
             start += depth
         return out
 
-    def _apply_rest(self, rest: NFBlock, x: Array, lo: int, hi: int, keys: Array | None,
-                    train: bool) -> Array:
+    def _apply_rest(self, rest: NFBlock, x: Array, lo: int, hi: int, keys: Array | None, train: bool) -> Array:
         """Blocks `lo..hi-1` (one stacked module): a `lax.scan`, or an unrolled loop over per-block slices."""
         betas = jnp.asarray(np.asarray(self.betas[lo:hi], np.float32))
         rates = jnp.asarray(np.asarray(self.block_rates[lo:hi], np.float32))
         block_keys = keys[lo:hi] if keys is not None else None
         graphdef, state = nnx.split(rest)
         if self.scan_blocks:
+
             def body(block: NFBlock, carry: Array, xs: tuple) -> tuple[Array, None]:
                 beta, rate, key = xs
                 carry = block(carry, beta=beta, stochdepth_rate=rate, train=train, rng=key)

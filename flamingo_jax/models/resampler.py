@@ -1,11 +1,11 @@
 """Perceiver Resampler: any number of frames x spatial tokens -> a fixed number of visual tokens.
 
-    x = x + time_embed[t]                       (per frame; no spatial position embeddings)
-    x = flatten(frames x space)
-    for each layer:
-        latents += Attn(q = LN(latents), kv = concat(LN(x), LN(latents)))
-        latents += FFW(LN(latents))             (Squared ReLU)
-    return LN(latents)
+x = x + time_embed[t]                       (per frame; no spatial position embeddings)
+x = flatten(frames x space)
+for each layer:
+    latents += Attn(q = LN(latents), kv = concat(LN(x), LN(latents)))
+    latents += FFW(LN(latents))             (Squared ReLU)
+return LN(latents)
 """
 
 from __future__ import annotations
@@ -34,8 +34,19 @@ def interpolate_time_embeddings(table: Array, num_frames: int) -> Array:
 
 
 class ResamplerLayer(nnx.Module):
-    def __init__(self, dim: int, *, num_heads: int, head_dim: int, ffw_mult: int, norm_eps: float,
-                 dtype: jnp.dtype, param_dtype: jnp.dtype, attention_impl: str, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heads: int,
+        head_dim: int,
+        ffw_mult: int,
+        norm_eps: float,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+        attention_impl: str,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         norm = dict(eps=norm_eps, axis_name="vision_embed", param_dtype=param_dtype, rngs=rngs)
         ax = ("vision_embed", "heads", "head_dim")
@@ -53,30 +64,55 @@ class ResamplerLayer(nnx.Module):
     def __call__(self, latents: Array, x: Array) -> Array:
         lat = self.latent_norm(latents)
         kv = jnp.concatenate([self.media_norm(x), lat], axis=1)
-        out = attention.dot_product_attention(self.q(lat), self.k(kv), self.v(kv),
-                                              implementation=self.attention_impl)
+        out = attention.dot_product_attention(self.q(lat), self.k(kv), self.v(kv), implementation=self.attention_impl)
         latents = latents + self.o(out)
         h = layers.squared_relu(self.ffw_up(self.ffw_norm(latents)))
         return latents + self.ffw_down(h)
 
 
 class PerceiverResampler(nnx.Module):
-    def __init__(self, dim: int, *, num_layers: int = 6, num_latents: int = 64, num_heads: int = 16,
-                 head_dim: int = 128, ffw_mult: int = 4, max_frames: int = 8, norm_eps: float = 1e-5,
-                 dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32, attention_impl: str = "xla",
-                 remat: str = "none", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_layers: int = 6,
+        num_latents: int = 64,
+        num_heads: int = 16,
+        head_dim: int = 128,
+        ffw_mult: int = 4,
+        max_frames: int = 8,
+        norm_eps: float = 1e-5,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        attention_impl: str = "xla",
+        remat: str = "none",
+        rngs: nnx.Rngs,
+    ):
         self.remat = remat
-        self.latents = layers.param(rngs, nnx.initializers.normal(1.0), (num_latents, dim),
-                                    ("latents", "vision_embed"), param_dtype)
-        self.time_embed = layers.param(rngs, nnx.initializers.normal(0.02), (max_frames, dim),
-                                       ("frames", "vision_embed"), param_dtype)
+        self.latents = layers.param(
+            rngs, nnx.initializers.normal(1.0), (num_latents, dim), ("latents", "vision_embed"), param_dtype
+        )
+        self.time_embed = layers.param(
+            rngs, nnx.initializers.normal(0.02), (max_frames, dim), ("frames", "vision_embed"), param_dtype
+        )
         self.layers = stacking.stack(
-            lambda r: ResamplerLayer(dim, num_heads=num_heads, head_dim=head_dim, ffw_mult=ffw_mult,
-                                     norm_eps=norm_eps, dtype=dtype, param_dtype=param_dtype,
-                                     attention_impl=attention_impl, rngs=r),
-            num_layers, rngs)
-        self.final_norm = layers.LayerNorm(dim, eps=norm_eps, axis_name="vision_embed", param_dtype=param_dtype,
-                                           rngs=rngs)
+            lambda r: ResamplerLayer(
+                dim,
+                num_heads=num_heads,
+                head_dim=head_dim,
+                ffw_mult=ffw_mult,
+                norm_eps=norm_eps,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                attention_impl=attention_impl,
+                rngs=r,
+            ),
+            num_layers,
+            rngs,
+        )
+        self.final_norm = layers.LayerNorm(
+            dim, eps=norm_eps, axis_name="vision_embed", param_dtype=param_dtype, rngs=rngs
+        )
         self.dtype = dtype
 
     def __call__(self, x: Array) -> Array:
@@ -86,6 +122,7 @@ class PerceiverResampler(nnx.Module):
         x = sharding.constrain(x.reshape(b, t * s, d), ("batch", "length", "vision_embed"))
         latents = jnp.broadcast_to(self.latents[...].astype(self.dtype), (b, *self.latents.shape))
         graphdef, state = nnx.split(self.layers)
-        latents, _ = stacking.scan(lambda layer, lat, _: (layer(lat, x), None), graphdef, state, latents,
-                                   remat=self.remat)
+        latents, _ = stacking.scan(
+            lambda layer, lat, _: (layer(lat, x), None), graphdef, state, latents, remat=self.remat
+        )
         return self.final_norm(latents)

@@ -5,9 +5,10 @@ token, learned absolute position embeddings, a LayerNorm before the encoder (`pr
 layers (LayerNorm, multi-head attention with biases, MLP with quick_gelu), and a final LayerNorm (`post_norm`)
 that HF applies only to the pooled class token.
 
-The layers are stacked (leading `layers` dim) and scanned. Parameter dims carry logical axes: the model width is
-`vision_embed` (like the Perceiver Resampler that consumes these tokens), attention dims `heads`/`head_dim`, the
-MLP hidden dim `mlp`, the patch kernel `conv_h`/`conv_w`/`conv_in`, and the position table `length`.
+The layers are stacked (leading `layers` dim) and scanned. Parameter dims carry logical axes: the model
+width is `vision_embed` (like the Perceiver Resampler that consumes these tokens), attention dims
+`heads`/`head_dim`, the MLP hidden dim `mlp`, the patch kernel `conv_h`/`conv_w`/`conv_in`, and the position
+table `length`.
 """
 
 from __future__ import annotations
@@ -83,8 +84,9 @@ class ViTConfig:
 class ViTBlock(nnx.Module):
     """`x += attn(ln1(x)); x += mlp(ln2(x))`, bidirectional attention, biases everywhere."""
 
-    def __init__(self, cfg: ViTConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, attention_impl: str,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: ViTConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, attention_impl: str, rngs: nnx.Rngs
+    ):
         d, h, hd = cfg.width, cfg.num_heads, cfg.head_dim
         norm = dict(eps=cfg.norm_eps, axis_name="vision_embed", param_dtype=param_dtype, rngs=rngs)
         kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -112,8 +114,16 @@ class ViTBlock(nnx.Module):
 class VisionTransformer(nnx.Module):
     """CLIP's ViT image tower. `features` gives per-token outputs, `pooled` the normalised class token."""
 
-    def __init__(self, cfg: ViTConfig, *, dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
-                 attention_impl: str = "xla", remat: str = "none", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: ViTConfig,
+        *,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        attention_impl: str = "xla",
+        remat: str = "none",
+        rngs: nnx.Rngs,
+    ):
         cfg.validate()
         if remat not in stacking.REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {remat!r}; choose one of {sorted(stacking.REMAT_POLICIES)}")
@@ -121,17 +131,24 @@ class VisionTransformer(nnx.Module):
         self.dtype = dtype
         self.remat = remat
         d, p = cfg.width, cfg.patch_size
-        self.patch_embed = layers.param(rngs, layers.fan_in_init(), (p, p, 3, d),
-                                        ("conv_h", "conv_w", "conv_in", "vision_embed"), param_dtype)
-        self.cls_token = layers.param(rngs, nnx.initializers.normal(d**-0.5), (d,), ("vision_embed",),
-                                      param_dtype)
-        self.pos_embed = layers.param(rngs, nnx.initializers.normal(0.02), (cfg.num_tokens, d),
-                                      ("length", "vision_embed"), param_dtype)
+        self.patch_embed = layers.param(
+            rngs,
+            layers.fan_in_init(),
+            (p, p, 3, d),
+            ("conv_h", "conv_w", "conv_in", "vision_embed"),
+            param_dtype,
+        )
+        self.cls_token = layers.param(rngs, nnx.initializers.normal(d**-0.5), (d,), ("vision_embed",), param_dtype)
+        self.pos_embed = layers.param(
+            rngs, nnx.initializers.normal(0.02), (cfg.num_tokens, d), ("length", "vision_embed"), param_dtype
+        )
         norm = dict(eps=cfg.norm_eps, axis_name="vision_embed", param_dtype=param_dtype, rngs=rngs)
         self.pre_norm = layers.LayerNorm(d, **norm)
         self.layers = stacking.stack(
             lambda r: ViTBlock(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=r),
-            cfg.num_layers, rngs)
+            cfg.num_layers,
+            rngs,
+        )
         self.post_norm = layers.LayerNorm(d, **norm)
 
     def _embed(self, images: Array) -> Array:
@@ -141,22 +158,25 @@ class VisionTransformer(nnx.Module):
             # The position table is learned for one grid; resizing it would silently change the features.
             raise ValueError(f"ViT expects [B, {size}, {size}, 3] images, got {tuple(images.shape)}")
         x = jax.lax.conv_general_dilated(
-            images.astype(self.dtype), self.patch_embed[...].astype(self.dtype),
-            window_strides=(self.cfg.patch_size,) * 2, padding="VALID",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            images.astype(self.dtype),
+            self.patch_embed[...].astype(self.dtype),
+            window_strides=(self.cfg.patch_size,) * 2,
+            padding="VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
         x = x.reshape(b, -1, self.cfg.width)
         cls = jnp.broadcast_to(self.cls_token[...].astype(self.dtype), (b, 1, self.cfg.width))
         x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(self.dtype)
         return sharding.constrain(self.pre_norm(x), _TOKEN_AXES)
 
     def features(self, images: Array, *, cls_token: bool = True, post_norm: bool = False) -> Array:
-        """Token features [B, tokens, width] for NHWC float `images` (already normalised with CLIP's mean/std).
+        """Token features [B, tokens, width] for NHWC float `images` (normalised with CLIP's mean/std).
 
-        The defaults give exactly HF's `CLIPVisionModel(...).last_hidden_state`: the class token first, then the
-        grid of patch tokens row-major, all from the last layer *before* the final LayerNorm (which HF applies
-        to the pooled class token only). `cls_token=False` drops the class token (grid**2 patch tokens);
-        `post_norm=True` applies the final LayerNorm to every token (open_clip's `output_tokens`, as used by
-        OpenFlamingo).
+        The defaults give exactly HF's `CLIPVisionModel(...).last_hidden_state`: the class token first, then
+        the grid of patch tokens row-major, all from the last layer *before* the final LayerNorm (which HF
+        applies to the pooled class token only). `cls_token=False` drops the class token (grid**2 patch
+        tokens); `post_norm=True` applies the final LayerNorm to every token (open_clip's `output_tokens`, as
+        used by OpenFlamingo).
         """
         x = self._embed(images)
         graphdef, state = nnx.split(self.layers)

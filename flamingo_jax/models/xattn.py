@@ -3,7 +3,7 @@
     y = y + tanh(alpha_xattn) * XAttn(LN(y), visual)
     y = y + tanh(alpha_ffw)   * FFW(LN(y))
 
-Both gates start at 0, so an untrained Flamingo computes exactly what its frozen LM computes.
+Both gates start at 0 (`gate_init`), so an untrained Flamingo computes exactly what its frozen LM computes.
 """
 
 from __future__ import annotations
@@ -18,8 +18,14 @@ from flamingo_jax.models import attention, layers
 Array = jax.Array
 
 
-def media_index(ids: Array, image_token_id: int, *, link_next: Array | None = None,
-                num_media: int | None = None, images_before: Array | None = None) -> Array:
+def media_index(
+    ids: Array,
+    image_token_id: int,
+    *,
+    link_next: Array | None = None,
+    num_media: int | None = None,
+    images_before: Array | None = None,
+) -> Array:
     """Index of the image each token attends to, -1 for none. ids [B, L] -> int32 [B, L].
 
     By default token l sees the last `<image>` at or before l: phi(l) - 1 with phi the running count of
@@ -45,19 +51,32 @@ def media_index(ids: Array, image_token_id: int, *, link_next: Array | None = No
 class GatedCrossAttention(nnx.Module):
     """One GATED XATTN-DENSE block; text width `dim`, visual width `vision_dim`."""
 
-    def __init__(self, dim: int, vision_dim: int, *, num_heads: int, head_dim: int, ffw_mult: int = 4,
-                 norm_eps: float = 1e-5, dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
-                 attention_impl: str = "xla", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        vision_dim: int,
+        *,
+        num_heads: int,
+        head_dim: int,
+        ffw_mult: int = 4,
+        norm_eps: float = 1e-5,
+        gate_init: float = 0.0,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        attention_impl: str = "xla",
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attn_norm = layers.LayerNorm(dim, eps=norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.q = layers.DenseGeneral(dim, (num_heads, head_dim), ("embed", "heads", "head_dim"), **kw)
         self.k = layers.DenseGeneral(vision_dim, (num_heads, head_dim), ("vision_embed", "heads", "head_dim"), **kw)
         self.v = layers.DenseGeneral(vision_dim, (num_heads, head_dim), ("vision_embed", "heads", "head_dim"), **kw)
         self.o = layers.DenseGeneral((num_heads, head_dim), dim, ("heads", "head_dim", "embed"), **kw)
-        self.attn_gate = layers.param(rngs, nnx.initializers.zeros, (), (), param_dtype)
+        gate = nnx.initializers.constant(gate_init)
+        self.attn_gate = layers.param(rngs, gate, (), (), param_dtype)
         self.ffw_norm = layers.LayerNorm(dim, eps=norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.ffw = layers.FeedForward(dim, ffw_mult * dim, act="squared_relu", **kw)
-        self.ffw_gate = layers.param(rngs, nnx.initializers.zeros, (), (), param_dtype)
+        self.ffw_gate = layers.param(rngs, gate, (), (), param_dtype)
         self.attention_impl = attention_impl
 
     def __call__(self, y: Array, visual: Array, media_idx: Array) -> Array:

@@ -1,8 +1,8 @@
 """CLIP ViT vision towers from local Hugging Face-format directories.
 
-Accepts a `CLIPVisionModel` directory or a full `CLIPModel` one (e.g. a local copy of openai/clip-vit-large-patch14,
-whose config nests `vision_config` and whose tensors carry a `vision_model.` prefix; the text tower and the
-projections are then ignored). Mapping onto `models.vit.VisionTransformer`:
+Accepts a `CLIPVisionModel` directory or a full `CLIPModel` one (e.g. a local copy of
+openai/clip-vit-large-patch14, whose config nests `vision_config` and whose tensors carry a `vision_model.`
+prefix; the text tower and the projections are then ignored). Mapping onto `models.vit.VisionTransformer`:
 
     embeddings.patch_embedding.weight [D, 3, p, p]     patch_embed [p, p, 3, D]
     embeddings.class_embedding [D]                      cls_token
@@ -87,8 +87,9 @@ def clip_sources(cfg: vit.ViTConfig, names: Collection[str]) -> tuple[dict[str, 
         "layers/fc2/bias": per_layer("mlp.fc2.bias"),
     }
     for x in "qkv":
-        src[f"layers/{x}/bias"] = load.stack(lambda i, x=x: load.merged(layer.format(i) + f"self_attn.{x}_proj.bias",
-                                                                         2), n)
+        src[f"layers/{x}/bias"] = load.stack(
+            lambda i, x=x: load.merged(layer.format(i) + f"self_attn.{x}_proj.bias", 2), n
+        )
     for ours, theirs in (("attn_norm", "layer_norm1"), ("mlp_norm", "layer_norm2")):
         src[f"layers/{ours}/scale"] = per_layer(f"{theirs}.weight")
         src[f"layers/{ours}/bias"] = per_layer(f"{theirs}.bias")
@@ -100,23 +101,36 @@ def clip_sources(cfg: vit.ViTConfig, names: Collection[str]) -> tuple[dict[str, 
     return src, ignore
 
 
-def load_clip_state(path: str | Path, abstract_state: nnx.State, cfg: vit.ViTConfig, *,
-                    shardings: nnx.State | None = None) -> nnx.State:
+def load_clip_state(
+    path: str | Path, abstract_state: nnx.State, cfg: vit.ViTConfig, *, shardings: nnx.State | None = None
+) -> nnx.State:
     """The `VisionTransformer` state read from an HF CLIP dir, shard by shard, cast to the abstract dtypes."""
     with load.TensorReader(path) as reader:
         sources, ignore = clip_sources(cfg, reader.names)
         return load.load_state(reader, abstract_state, sources, shardings=shardings, ignore=ignore)
 
 
-def load_clip_vision(path: str | Path, *, mesh: Mesh | None = None,
-                     rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES, dtype: jnp.dtype = jnp.float32,
-                     param_dtype: jnp.dtype = jnp.float32, attention_impl: str = "xla",
-                     remat: str = "none") -> vit.VisionTransformer:
+def load_clip_vision(
+    path: str | Path,
+    *,
+    mesh: Mesh | None = None,
+    rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    attention_impl: str = "xla",
+    remat: str = "none",
+) -> vit.VisionTransformer:
     """A `VisionTransformer` with the HF directory's architecture and weights."""
     cfg = vit_config_from_hf(path)
 
     def make() -> vit.VisionTransformer:
-        return vit.VisionTransformer(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-                                     remat=remat, rngs=nnx.Rngs(0))
+        return vit.VisionTransformer(
+            cfg,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            attention_impl=attention_impl,
+            remat=remat,
+            rngs=nnx.Rngs(0),
+        )
 
     return load.load_module(make, path, lambda _, reader: clip_sources(cfg, reader.names), mesh=mesh, rules=rules)

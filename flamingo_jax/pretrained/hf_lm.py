@@ -34,8 +34,14 @@ from flamingo_jax.pretrained import load
 LLAMA_LIKE = ("llama", "qwen2", "mistral")
 
 # HF activation names -> ours. gelu_fast/quick_gelu approximations differ from both of ours: rejected.
-_ACTS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-         "relu": "relu"}
+_ACTS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "relu": "relu",
+}
 
 # Buffers some (older) checkpoints carry that are not parameters: rotary caches, GPT-2's causal-mask buffers.
 _LLAMA_BUFFERS = (r"(.*\.)?rotary_emb\.inv_freq",)
@@ -76,8 +82,12 @@ def lm_config_from_hf(path: str | Path, *, num_added_tokens: int = 3) -> dict[st
         attention_bias = bool(hf.get("attention_bias", False))
         window = hf.get("sliding_window") if hf.get("use_sliding_window", model_type == "mistral") else None
         if window:
-            logging.warning("%s: sliding-window attention (window %s) is not implemented; sequences longer "
-                            "than the window will differ from the reference model", path, window)
+            logging.warning(
+                "%s: sliding-window attention (window %s) is not implemented; sequences longer "
+                "than the window will differ from the reference model",
+                path,
+                window,
+            )
         return dict(
             family="llama",
             vocab_size=int(hf["vocab_size"]),
@@ -103,8 +113,9 @@ def lm_config_from_hf(path: str | Path, *, num_added_tokens: int = 3) -> dict[st
         )
     if model_type == "gpt2":
         if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
-            raise ValueError("GPT-2 variants with scale_attn_weights=False or scale_attn_by_inverse_layer_idx "
-                             "are not supported")
+            raise ValueError(
+                "GPT-2 variants with scale_attn_weights=False or scale_attn_by_inverse_layer_idx are not supported"
+            )
         dim, heads = int(hf["n_embd"]), int(hf["n_head"])
         return dict(
             family="gpt2",
@@ -126,8 +137,7 @@ def lm_config_from_hf(path: str | Path, *, num_added_tokens: int = 3) -> dict[st
             tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
             num_added_tokens=num_added_tokens,
         )
-    raise ValueError(f"{path}: HF model_type {model_type!r} is not supported; choose one of "
-                     f"{[*LLAMA_LIKE, 'gpt2']}")
+    raise ValueError(f"{path}: HF model_type {model_type!r} is not supported; choose one of {[*LLAMA_LIKE, 'gpt2']}")
 
 
 def _prefix(names: Collection[str], candidates: tuple[str, ...], probe: str) -> str:
@@ -135,13 +145,13 @@ def _prefix(names: Collection[str], candidates: tuple[str, ...], probe: str) -> 
     for p in candidates:
         if p + probe in names:
             return p
-    raise load.CheckpointError(f"no tensor {probe!r} (under any of the prefixes {list(candidates)}): not an HF "
-                               f"checkpoint of this family")
+    raise load.CheckpointError(
+        f"no tensor {probe!r} (under any of the prefixes {list(candidates)}): not an HF checkpoint of this family"
+    )
 
 
-def _norm_sources(prefix: str, hf_norm: str, ours: str, cfg: lm_lib.LMConfig, n: int | None
-                  ) -> dict[str, Any]:
-    """Our norm `ours` (scale [+ bias]) from HF `hf_norm.weight` [+ `.bias`]; stacked over n layers if given."""
+def _norm_sources(prefix: str, hf_norm: str, ours: str, cfg: lm_lib.LMConfig, n: int | None) -> dict[str, Any]:
+    """Our norm `ours` (scale [+ bias]) from HF `hf_norm.weight` [+ `.bias`]; stacked over n layers."""
     keys = [("scale", "weight")] + ([("bias", "bias")] if cfg.norm == "layer" else [])
     out: dict[str, Any] = {}
     for mine, theirs in keys:
@@ -182,7 +192,8 @@ def _llama_sources(cfg: lm_lib.LMConfig, names: Collection[str]) -> tuple[dict[s
             src[f"layers/mlp/{x}/bias"] = bias(mlp + f"{x}_proj.bias", 1)
     ignore = list(_LLAMA_BUFFERS)
     if cfg.tie_embeddings:
-        ignore.append("lm_head.weight")  # some tied checkpoints still store the (identical) head; HF ignores it
+        # Some tied checkpoints still store the (identical) head; HF ignores it too.
+        ignore.append("lm_head.weight")
     else:
         src["head/base"] = load.View("lm_head.weight", groups=((1,), (0,)))
         src["head/added"] = load.RowMean("lm_head.weight", transposed=True)
@@ -199,8 +210,9 @@ def _gpt2_sources(cfg: lm_lib.LMConfig, names: Collection[str]) -> tuple[dict[st
         "embed/added": load.RowMean(f"{p}wte.weight"),
         "pos_embed": load.View(f"{p}wpe.weight"),
         # Conv1D weights are [in, out]: the same order as our kernels, only the head dims are merged.
-        "layers/attn/o/kernel": load.stack(lambda i: load.View(f"{p}{h.format(i)}attn.c_proj.weight",
-                                                               groups=((0, 1), (2,))), n),
+        "layers/attn/o/kernel": load.stack(
+            lambda i: load.View(f"{p}{h.format(i)}attn.c_proj.weight", groups=((0, 1), (2,))), n
+        ),
         "layers/attn/o/bias": load.stack(lambda i: load.View(f"{p}{h.format(i)}attn.c_proj.bias"), n),
         "layers/mlp/up/kernel": load.stack(lambda i: load.View(f"{p}{h.format(i)}mlp.c_fc.weight"), n),
         "layers/mlp/up/bias": load.stack(lambda i: load.View(f"{p}{h.format(i)}mlp.c_fc.bias"), n),
@@ -213,11 +225,18 @@ def _gpt2_sources(cfg: lm_lib.LMConfig, names: Collection[str]) -> tuple[dict[st
     for j, x in enumerate("qkv"):
         # c_attn is [D, 3*H*hd] = [q | k | v] along the columns.
         src[f"layers/attn/{x}/kernel"] = load.stack(
-            lambda i, j=j: load.View(f"{p}{h.format(i)}attn.c_attn.weight", groups=((0,), (1, 2)),
-                                     offsets=(0, j * hd), source_shape=(d, 3 * hd)), n)
+            lambda i, j=j: load.View(
+                f"{p}{h.format(i)}attn.c_attn.weight",
+                groups=((0,), (1, 2)),
+                offsets=(0, j * hd),
+                source_shape=(d, 3 * hd),
+            ),
+            n,
+        )
         src[f"layers/attn/{x}/bias"] = load.stack(
-            lambda i, j=j: load.merged(f"{p}{h.format(i)}attn.c_attn.bias", 2, offset=j * hd,
-                                       source_shape=(3 * hd,)), n)
+            lambda i, j=j: load.merged(f"{p}{h.format(i)}attn.c_attn.bias", 2, offset=j * hd, source_shape=(3 * hd,)),
+            n,
+        )
     ignore = [*_GPT2_BUFFERS, "lm_head.weight"] if cfg.tie_embeddings else list(_GPT2_BUFFERS)
     if not cfg.tie_embeddings:
         src["head/base"] = load.View("lm_head.weight", groups=((1,), (0,)))
@@ -226,7 +245,7 @@ def _gpt2_sources(cfg: lm_lib.LMConfig, names: Collection[str]) -> tuple[dict[st
 
 
 def lm_sources(cfg: lm_lib.LMConfig, names: Collection[str]) -> tuple[dict[str, Any], list[str]]:
-    """(parameter path -> Source, regexes of checkpoint tensors to ignore) for a DecoderLM built from `cfg`."""
+    """(parameter path -> Source, regexes of checkpoint tensors to ignore) for a DecoderLM from `cfg`."""
     if cfg.family == "gpt2":
         return _gpt2_sources(cfg, names)
     if cfg.family == "llama":
@@ -234,8 +253,9 @@ def lm_sources(cfg: lm_lib.LMConfig, names: Collection[str]) -> tuple[dict[str, 
     raise ValueError(f"no HF mapping for LM family {cfg.family!r}")
 
 
-def load_lm_state(path: str | Path, abstract_state: nnx.State, cfg: lm_lib.LMConfig, *,
-                  shardings: nnx.State | None = None) -> nnx.State:
+def load_lm_state(
+    path: str | Path, abstract_state: nnx.State, cfg: lm_lib.LMConfig, *, shardings: nnx.State | None = None
+) -> nnx.State:
     """The `DecoderLM` state (e.g. `nnx.state(abstract_flamingo.lm)`) read from an HF dir, shard by shard.
 
     `shardings` is the matching state of NamedShardings (`sharding.state_shardings`); values are cast to the
@@ -246,10 +266,17 @@ def load_lm_state(path: str | Path, abstract_state: nnx.State, cfg: lm_lib.LMCon
         return load.load_state(reader, abstract_state, sources, shardings=shardings, ignore=ignore)
 
 
-def load_lm(path: str | Path, *, mesh: Mesh | None = None,
-            rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES, dtype: jnp.dtype = jnp.float32,
-            param_dtype: jnp.dtype = jnp.float32, attention_impl: str = "xla", remat: str = "none",
-            overrides: Mapping[str, Any] | None = None) -> lm_lib.DecoderLM:
+def load_lm(
+    path: str | Path,
+    *,
+    mesh: Mesh | None = None,
+    rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    attention_impl: str = "xla",
+    remat: str = "none",
+    overrides: Mapping[str, Any] | None = None,
+) -> lm_lib.DecoderLM:
     """A `DecoderLM` with the HF directory's architecture and weights (plus mean-initialised added rows).
 
     `overrides` replaces LMConfig fields read from config.json (e.g. `num_added_tokens`, `max_len`).
@@ -257,7 +284,13 @@ def load_lm(path: str | Path, *, mesh: Mesh | None = None,
     cfg = lm_lib.LMConfig.from_dict({**lm_config_from_hf(path), **(overrides or {})})
 
     def make() -> lm_lib.DecoderLM:
-        return lm_lib.DecoderLM(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-                                remat=remat, rngs=nnx.Rngs(0))
+        return lm_lib.DecoderLM(
+            cfg,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            attention_impl=attention_impl,
+            remat=remat,
+            rngs=nnx.Rngs(0),
+        )
 
     return load.load_module(make, path, lambda _, reader: lm_sources(cfg, reader.names), mesh=mesh, rules=rules)

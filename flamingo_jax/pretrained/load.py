@@ -1,10 +1,10 @@
 """Load checkpoint tensors straight into their shards.
 
 Every parameter of a target `nnx.State` is described by a `Source`: which checkpoint tensor(s) hold it and how
-they are laid out relative to ours (transposes, head splits, fused projections, stacked layers). The array is
-then built with `jax.make_array_from_callback`, whose callback reads only the slice that one device holds through
-`safetensors.safe_open(...).get_slice(name)[idx]` (memory-mapped). No host ever materialises a full copy of a
-tensor it shards, so a 70B LM loads onto a pod in its final layout.
+they are laid out relative to ours (transposes, head splits, fused projections, stacked layers). The array
+is then built with `jax.make_array_from_callback`, whose callback reads only the slice that one device holds
+through `safetensors.safe_open(...).get_slice(name)[idx]` (memory-mapped). No host ever materialises a full
+copy of a tensor it shards, so a 70B LM loads onto a pod in its final layout.
 
 Everything that can be checked before reading a value is checked first: every parameter has a source, every
 source tensor exists with the expected shape, and no checkpoint tensor is left unused (an unused tensor almost
@@ -41,7 +41,7 @@ class CheckpointError(ValueError):
     """A checkpoint that does not match the model: missing, unexpected or mis-shaped tensors."""
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Reading safetensors files.
 class TensorReader:
     """Named tensors of one safetensors file, or of a directory of them (with or without an index).
@@ -97,7 +97,8 @@ class TensorReader:
         for name, fname in weight_map.items():
             if self._file_of.get(name) != fname:
                 raise CheckpointError(
-                    f"{index}: tensor {name!r} is listed in {fname} but found in {self._file_of.get(name)}")
+                    f"{index}: tensor {name!r} is listed in {fname} but found in {self._file_of.get(name)}"
+                )
 
     def __enter__(self) -> TensorReader:
         return self
@@ -130,7 +131,7 @@ class TensorReader:
         return np.asarray(sl[idx] if idx else sl[()])
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Sources: how one target parameter is assembled from checkpoint tensors.
 class Source(Protocol):
     def tensors(self) -> list[str]:
@@ -138,7 +139,7 @@ class Source(Protocol):
         ...
 
     def check(self, reader: TensorReader, target_shape: Shape, what: str) -> None:
-        """Raises CheckpointError (naming the tensor and its expected shape) if the checkpoint cannot fill it."""
+        """Raises CheckpointError, naming the tensor and its expected shape, if it cannot be filled."""
         ...
 
     def read(self, reader: TensorReader, idx: Index, target_shape: Shape) -> np.ndarray:
@@ -148,31 +149,26 @@ class Source(Protocol):
 
 def _check_tensor(reader: TensorReader, name: str, expected: Shape, what: str) -> None:
     if name not in reader:
-        raise CheckpointError(f"tensor {name!r} (expected shape {expected}, for {what}) is missing from "
-                              f"{reader.path}")
+        raise CheckpointError(f"tensor {name!r} (expected shape {expected}, for {what}) is missing from {reader.path}")
     found = reader.shape(name)
     if found != tuple(expected):
         raise CheckpointError(f"tensor {name!r} has shape {found}, expected shape {tuple(expected)} (for {what})")
 
 
 def _flat_indices(idx: Index, dims: Sequence[int], shape: Shape) -> np.ndarray:
-    """Row-major flat positions, in the merged dim made of target `dims`, of the block `idx` (shaped as it)."""
-    sizes = [shape[d] for d in dims]
-    ranges = [np.arange(idx[d].start, idx[d].stop) for d in dims]
-    if not ranges:
-        return np.zeros((), np.int64)
-    grids = np.meshgrid(*ranges, indexing="ij")
-    return np.ravel_multi_index(tuple(grids), sizes) if sizes else np.zeros((), np.int64)
+    """Row-major flat positions, in the merged dim made of target `dims`, of the block `idx`."""
+    grids = np.meshgrid(*[np.arange(idx[d].start, idx[d].stop) for d in dims], indexing="ij")
+    return np.ravel_multi_index(tuple(grids), [shape[d] for d in dims])
 
 
 @dataclasses.dataclass(frozen=True)
 class View:
     """A target parameter that is a re-indexed view of one checkpoint tensor.
 
-    Source dim j holds the target dims `groups[j]` merged in row-major order (so a transpose is a permutation of
-    singleton groups and a head split is a group of two), starting at `offsets[j]` along that source dim (a slice
-    of a fused tensor, such as GPT-2's q/k/v in `c_attn`). `groups=None` is the identity. `source_shape` is the
-    full checkpoint shape when it is larger than the view (fused tensors).
+    Source dim j holds the target dims `groups[j]` merged in row-major order (so a transpose is a permutation
+    of singleton groups and a head split is a group of two), starting at `offsets[j]` along that source dim (a
+    slice of a fused tensor, such as GPT-2's q/k/v in `c_attn`). `groups=None` is the identity. `source_shape`
+    is the full checkpoint shape when it is larger than the view (fused tensors).
     """
 
     name: str
@@ -195,8 +191,7 @@ class View:
         groups = self._groups(len(target_shape))
         covered = sorted(d for g in groups for d in g)
         if covered != list(range(len(target_shape))):
-            raise CheckpointError(f"{what}: view of {self.name!r} maps dims {groups}, target has shape "
-                                  f"{target_shape}")
+            raise CheckpointError(f"{what}: view of {self.name!r} maps dims {groups}, target has shape {target_shape}")
         _check_tensor(reader, self.name, self.expected_shape(target_shape), what)
 
     def read(self, reader: TensorReader, idx: Index, target_shape: Shape) -> np.ndarray:
@@ -209,8 +204,8 @@ class View:
             flat = _flat_indices(idx, g, target_shape) + off
             flats.append(flat)
             src_idx.append(slice(int(flat.min()), int(flat.max()) + 1))
-        # Read the smallest contiguous superset of the block, then pick the exact rows/columns: for a head-split
-        # dim sharded by heads (the usual case) the superset *is* the block, so nothing extra is read.
+        # Read the smallest contiguous superset of the block, then pick the exact rows/columns: for a head
+        # split dim sharded by heads (the usual case) the superset *is* the block, so nothing extra is read.
         block = reader.read(self.name, tuple(src_idx))
         for j, (flat, s) in enumerate(zip(flats, src_idx)):
             pos = flat.ravel() - s.start
@@ -232,8 +227,9 @@ class Stack:
 
     def check(self, reader: TensorReader, target_shape: Shape, what: str) -> None:
         if not target_shape or target_shape[0] != len(self.parts):
-            raise CheckpointError(f"{what}: {len(self.parts)} stacked layers in the checkpoint, target shape "
-                                  f"{target_shape}")
+            raise CheckpointError(
+                f"{what}: {len(self.parts)} stacked layers in the checkpoint, target shape {target_shape}"
+            )
         for i, p in enumerate(self.parts):
             p.check(reader, target_shape[1:], f"{what}[{i}]")
 
@@ -246,9 +242,9 @@ class Stack:
 class RowMean:
     """Rows initialised to the mean of all rows of a 2-D tensor (new token embeddings from pretrained ones).
 
-    The target is [n, D] (or [D, n] with `transposed`, for an output head stored [embed, vocab]); the checkpoint
-    tensor is [V, D]. Averaging new rows over the pretrained ones keeps their logits in the range of the
-    existing vocabulary, as HF's `resize_token_embeddings` does.
+    The target is [n, D] (or [D, n] with `transposed`, for an output head stored [embed, vocab]); the
+    checkpoint tensor is [V, D]. Averaging new rows over the pretrained ones keeps their logits in the range
+    of the existing vocabulary, as HF's `resize_token_embeddings` does.
     """
 
     name: str
@@ -260,12 +256,12 @@ class RowMean:
     def check(self, reader: TensorReader, target_shape: Shape, what: str) -> None:
         dim = target_shape[0] if self.transposed else target_shape[-1]
         if self.name not in reader:
-            raise CheckpointError(f"tensor {self.name!r} (expected shape (vocab, {dim}), for {what}) is missing "
-                                  f"from {reader.path}")
+            raise CheckpointError(
+                f"tensor {self.name!r} (expected shape (vocab, {dim}), for {what}) is missing from {reader.path}"
+            )
         found = reader.shape(self.name)
         if len(found) != 2 or found[1] != dim:
-            raise CheckpointError(f"tensor {self.name!r} has shape {found}, expected shape (vocab, {dim}) "
-                                  f"(for {what})")
+            raise CheckpointError(f"tensor {self.name!r} has shape {found}, expected shape (vocab, {dim}) (for {what})")
 
     def read(self, reader: TensorReader, idx: Index, target_shape: Shape) -> np.ndarray:
         col = idx[0] if self.transposed else idx[1]
@@ -279,7 +275,7 @@ class RowMean:
         return np.repeat(mean[:, None], n, axis=1) if self.transposed else np.repeat(mean[None, :], n, axis=0)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # View helpers for the common layouts.
 def torch_linear(name: str, n_in: int, ndim: int) -> View:
     """A torch `nn.Linear.weight` [out, in] (flattened) as our kernel `in_dims + out_dims` (n_in in-dims)."""
@@ -287,7 +283,7 @@ def torch_linear(name: str, n_in: int, ndim: int) -> View:
 
 
 def merged(name: str, ndim: int, offset: int = 0, source_shape: Shape | None = None) -> View:
-    """A 1-D (or fused 1-D) checkpoint tensor as our multi-dim parameter (e.g. a q bias as [heads, head_dim])."""
+    """A 1-D (or fused 1-D) checkpoint tensor as our multi-dim parameter (a q bias as [heads, head_dim])."""
     return View(name, groups=(tuple(range(ndim)),), offsets=(offset,), source_shape=source_shape)
 
 
@@ -295,7 +291,7 @@ def stack(make: Callable[[int], Any], num: int) -> Stack:
     return Stack(tuple(make(i) for i in range(num)))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Loading a state.
 def path_str(path: Sequence[Any]) -> str:
     return "/".join(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path)
@@ -316,8 +312,9 @@ def _normalise(index: Any, shape: Shape) -> Index:
     return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
 
 
-def check_sources(reader: TensorReader, targets: Mapping[str, Shape], sources: Mapping[str, Any],
-                  ignore: Iterable[str] = ()) -> None:
+def check_sources(
+    reader: TensorReader, targets: Mapping[str, Shape], sources: Mapping[str, Any], ignore: Iterable[str] = ()
+) -> None:
     """Every target has a source, every source fits, and every checkpoint tensor is used (or ignored)."""
     no_source = sorted(set(targets) - set(sources))
     if no_source:
@@ -334,17 +331,24 @@ def check_sources(reader: TensorReader, targets: Mapping[str, Shape], sources: M
     if extra:
         listed = ", ".join(f"{n!r} {reader.shape(n)}" for n in extra[:8])
         more = f" and {len(extra) - 8} more" if len(extra) > 8 else ""
-        raise CheckpointError(f"unexpected tensors in {reader.path} that the model has no parameter for: "
-                              f"{listed}{more}")
+        raise CheckpointError(
+            f"unexpected tensors in {reader.path} that the model has no parameter for: {listed}{more}"
+        )
 
 
-def load_state(reader: TensorReader, abstract_state: nnx.State, sources: Mapping[str, Any], *,
-               shardings: nnx.State | None = None, ignore: Iterable[str] = ()) -> nnx.State:
+def load_state(
+    reader: TensorReader,
+    abstract_state: nnx.State,
+    sources: Mapping[str, Any],
+    *,
+    shardings: nnx.State | None = None,
+    ignore: Iterable[str] = (),
+) -> nnx.State:
     """A concrete copy of `abstract_state` whose arrays are read from `reader` shard by shard.
 
-    `sources` maps '/'-joined parameter paths (relative to the state) to Sources. `shardings` is a matching state
-    of `jax.sharding.Sharding`s (`sharding.state_shardings`); without it, arrays go to the first local device.
-    Values are cast to each abstract variable's dtype.
+    `sources` maps '/'-joined parameter paths (relative to the state) to Sources. `shardings` is a matching
+    state of `jax.sharding.Sharding`s (`sharding.state_shardings`); without it, arrays go to the first local
+    device. Values are cast to each abstract variable's dtype.
     """
     variables = _flat(abstract_state)
     targets = {p: tuple(np.shape(_value(v))) for p, v in variables.items()}
@@ -373,9 +377,14 @@ def load_state(reader: TensorReader, abstract_state: nnx.State, sources: Mapping
     return nnx.from_flat_state(loaded)
 
 
-def load_module(make: Callable[[], nnx.Module], path: str | Path,
-                sources_fn: Callable[[nnx.State, TensorReader], tuple[Mapping[str, Any], Collection[str]]], *,
-                mesh: Mesh | None = None, rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES) -> nnx.Module:
+def load_module(
+    make: Callable[[], nnx.Module],
+    path: str | Path,
+    sources_fn: Callable[[nnx.State, TensorReader], tuple[Mapping[str, Any], Collection[str]]],
+    *,
+    mesh: Mesh | None = None,
+    rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES,
+) -> nnx.Module:
     """Builds `make()` abstractly and fills it from the checkpoint at `path`, sharded by `rules` on `mesh`."""
     abstract = nnx.eval_shape(make)
     graphdef, abstract_state = nnx.split(abstract)

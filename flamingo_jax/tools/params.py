@@ -1,6 +1,6 @@
 """Parameter counts per component, computed abstractly (no weights allocated).
 
-    python -m flamingo_jax.tools.params --config=configs/flamingo_80b.py [--json]
+python -m flamingo_jax.tools.params --config=configs/flamingo_80b.py [--json]
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ def test_rotary_matches_complex_rotation_and_preserves_relative_scores():
     got = np.asarray(attention.apply_rotary(jnp.asarray(x, jnp.float32), cos, sin), np.float64)
     # Half-split layout: pair (i, i + hd/2) rotates by angle pos * theta^(-2i/hd).
     freqs = theta ** (-np.arange(0, hd, 2) / hd)
-    z = (x[..., : hd // 2] + 1j * x[..., hd // 2:]) * np.exp(1j * pos[..., None, None] * freqs)
+    z = (x[..., : hd // 2] + 1j * x[..., hd // 2 :]) * np.exp(1j * pos[..., None, None] * freqs)
     want = np.concatenate([z.real, z.imag], axis=-1)
     np.testing.assert_allclose(got, want, atol=1e-5)
     # q.k after rotation depends only on the position difference.

@@ -20,8 +20,14 @@ V = 50  # base vocab; <image> = 50
 
 def tiny_config(**over) -> flamingo.FlamingoConfig:
     d = dict(
-        vision=dict(variant=None, widths=(16, 16, 32, 32), depths=(1, 1, 1, 1), stem_widths=(4, 8, 8),
-                    group_size=8, image_size=32),
+        vision=dict(
+            variant=None,
+            widths=(16, 16, 32, 32),
+            depths=(1, 1, 1, 1),
+            stem_widths=(4, 8, 8),
+            group_size=8,
+            image_size=32,
+        ),
         resampler=dict(num_layers=1, num_latents=3, num_heads=2, head_dim=8, max_frames=2),
         xattn=dict(every=2, num_heads=2, head_dim=8, ffw_mult=2),
         lm=dict(family="llama", vocab_size=V, num_layers=3, dim=16, num_heads=2, head_dim=8, mlp_dim=32),
@@ -67,14 +73,15 @@ def test_changing_image_k_changes_only_tokens_from_its_image_token_on(trained_li
         changed = media.at[:, k].set(255 - media[:, k])
         out = np.asarray(trained_like(changed, ids))
         np.testing.assert_array_equal(out[:, :pos], base[:, :pos])  # before image k's <image>: bitwise same
-        assert np.abs(out[:, pos:] - base[:, pos:]).max() > 1e-4   # from it on: the image matters
+        assert np.abs(out[:, pos:] - base[:, pos:]).max() > 1e-4  # from it on: the image matters
 
 
 def test_tokens_before_first_image_unaffected_by_every_image(trained_like):
     media, ids = _inputs(2)
     base = np.asarray(trained_like(media, ids))
-    out = np.asarray(trained_like(jnp.asarray(np.random.default_rng(5).integers(0, 256, media.shape,
-                                                                                 dtype=np.uint8)), ids))
+    out = np.asarray(
+        trained_like(jnp.asarray(np.random.default_rng(5).integers(0, 256, media.shape, dtype=np.uint8)), ids)
+    )
     np.testing.assert_array_equal(out[:, :2], base[:, :2])
 
 
@@ -116,14 +123,32 @@ def test_trainable_split_and_unmatched_pattern(model):
         flamingo.check_trainable_patterns(model, ("resampler/.*", "xatn/.*"))
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("xattn", dict(every=0), "model.xattn.every"),
-    ("lm", dict(family="llama", vocab_size=V, num_layers=2, dim=16, num_heads=3, num_kv_heads=2, head_dim=8,
-                mlp_dim=32), "model.lm.num_kv_heads"),
-    ("vision", dict(variant=None, widths=(16, 16, 32, 32), depths=(1, 1, 1, 1), group_size=3),
-     "model.vision.group_size"),
-    ("dtype", "float8", "model.dtype"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("xattn", dict(every=0), "model.xattn.every"),
+        (
+            "lm",
+            dict(
+                family="llama",
+                vocab_size=V,
+                num_layers=2,
+                dim=16,
+                num_heads=3,
+                num_kv_heads=2,
+                head_dim=8,
+                mlp_dim=32,
+            ),
+            "model.lm.num_kv_heads",
+        ),
+        (
+            "vision",
+            dict(variant=None, widths=(16, 16, 32, 32), depths=(1, 1, 1, 1), group_size=3),
+            "model.vision.group_size",
+        ),
+        ("dtype", "float8", "model.dtype"),
+    ],
+)
 def test_impossible_config_fails_naming_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):
         tiny_config(**{field: value}).validate()
@@ -150,8 +175,14 @@ def test_paper_configs_trace_jitted_forward_without_allocation(name):
 
 
 def test_params_tool_json_80b():
-    out = subprocess.run([sys.executable, "-m", "flamingo_jax.tools.params", "--config=configs/flamingo_80b.py",
-                          "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "flamingo_jax.tools.params", "--config=configs/flamingo_80b.py", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     counts = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(counts) == {"vision", "resampler", "xattn", "lm", "total", "trainable", "frozen"}
     assert all(isinstance(v, int) for v in counts.values())

@@ -50,7 +50,7 @@ def np_conv(x: np.ndarray, w: np.ndarray, stride: int, groups: int) -> np.ndarra
     out = np.zeros((b, ho, wo, groups, cout // groups))
     for i in range(kh):
         for j in range(kw):
-            patch = xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+            patch = xp[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride]
             patch = patch.reshape(b, ho, wo, groups, cin_g)
             out += np.einsum("bhwgc,cgo->bhwgo", patch, w[i, j].reshape(cin_g, groups, cout // groups))
     return out.reshape(b, ho, wo, cout)
@@ -66,7 +66,7 @@ def np_avg_pool_same(x: np.ndarray) -> np.ndarray:
     out = np.zeros((b, ho, wo, c))
     for i in range(ho):
         for j in range(wo):
-            out[:, i, j] = x[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].mean(axis=(1, 2))  # edges: real pixels only
+            out[:, i, j] = x[:, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].mean(axis=(1, 2))  # edges: real pixels only
     return out
 
 
@@ -139,14 +139,19 @@ def count_params(model: nnx.Module) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ tests
-@pytest.mark.parametrize("cin,cout,k,stride,groups,hw", [
-    (5, 7, 3, 1, 1, (8, 8)),
-    (8, 12, 3, 2, 4, (9, 11)),
-    (6, 10, 1, 2, 1, (7, 6)),
-])
+@pytest.mark.parametrize(
+    "cin,cout,k,stride,groups,hw",
+    [
+        (5, 7, 3, 1, 1, (8, 8)),
+        (8, 12, 3, 2, 4, (9, 11)),
+        (6, 10, 1, 2, 1, (7, 6)),
+    ],
+)
 def test_wsconv_matches_numpy(cin, cout, k, stride, groups, hw):
-    conv = randomize(nnx.eval_shape(lambda: WSConv2D(cin, cout, k, stride=stride, groups=groups,
-                                                      rngs=nnx.Rngs(0))), seed=cin + k)
+    conv = randomize(
+        nnx.eval_shape(lambda: WSConv2D(cin, cout, k, stride=stride, groups=groups, rngs=nnx.Rngs(0))),
+        seed=cin + k,
+    )
     x = np.random.RandomState(1).standard_normal((2, *hw, cin))
     got = conv(jnp.asarray(x, jnp.float32))
     want = np_wsconv(x, np_params(conv), stride, groups)
@@ -157,7 +162,11 @@ def test_wsconv_matches_numpy(cin, cout, k, stride, groups, hw):
 def test_wsconv_init_is_standardized():
     conv = WSConv2D(6, 8, 3, groups=2, rngs=nnx.Rngs(3))
     assert conv.kernel.shape == (3, 3, 3, 8) and conv.kernel.get_metadata()["axes"] == (
-        "conv_h", "conv_w", "conv_in", "conv_out")
+        "conv_h",
+        "conv_w",
+        "conv_in",
+        "conv_out",
+    )
     np.testing.assert_array_equal(conv.gain[...], 1.0)
     np.testing.assert_array_equal(conv.bias[...], 0.0)
     w = np.asarray(conv.standardized_kernel(), np.float64)
@@ -208,8 +217,7 @@ def test_f0_parameter_count():
     assert count_params(abstract_nfnet(variant="F0")) == n - head  # num_classes=None: no final_conv, no fc
 
 
-@pytest.mark.parametrize("variant,size,grid",
-                         [("F0", 320, 10), ("F6", 320, 10), ("F0", 224, 7), ("F0", 225, 8)])
+@pytest.mark.parametrize("variant,size,grid", [("F0", 320, 10), ("F6", 320, 10), ("F0", 224, 7), ("F0", 225, 8)])
 def test_feature_grid(variant, size, grid):
     graphdef, state = nnx.split(abstract_nfnet(variant=variant))
     images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
@@ -224,8 +232,20 @@ def test_depths_and_betas_follow_reference():
     betas = abstract_nfnet(variant="F0").betas  # depths (1, 2, 6, 3)
     g = lambda n: math.sqrt(1 + n * 0.2**2)  # expected std after n residual additions since a reset
     # A transition block sees the previous stage's accumulated std; the std resets after every transition.
-    want = [1.0, 1 / g(1), 1 / g(1), 1 / g(2), 1 / g(1), 1 / g(2), 1 / g(3), 1 / g(4), 1 / g(5),
-            1 / g(6), 1 / g(1), 1 / g(2)]
+    want = [
+        1.0,
+        1 / g(1),
+        1 / g(1),
+        1 / g(2),
+        1 / g(1),
+        1 / g(2),
+        1 / g(3),
+        1 / g(4),
+        1 / g(5),
+        1 / g(6),
+        1 / g(1),
+        1 / g(2),
+    ]
     np.testing.assert_allclose(betas, want, rtol=1e-12)
 
 
@@ -266,14 +286,19 @@ def test_param_axes_and_validation():
 
 
 def test_gradients_with_remat_match_plain_loop():
-    kw = dict(variant=None, num_classes=10, widths=(16, 32, 48, 64), depths=(1, 2, 2, 1),
-              stem_widths=(8, 8, 8), group_size=8)
+    kw = dict(
+        variant=None,
+        num_classes=10,
+        widths=(16, 32, 48, 64),
+        depths=(1, 2, 2, 1),
+        stem_widths=(8, 8, 8),
+        group_size=8,
+    )
     x = jax.random.normal(jax.random.key(3), (2, 19, 17, 3))
     grads = []
     for remat, scan in (("full", True), ("none", False)):
         graphdef, state = nnx.split(randomize(abstract_nfnet(remat=remat, scan_blocks=scan, **kw), seed=13))
-        loss = lambda s, g=graphdef: jnp.sum(
-            nnx.merge(g, s)(x, train=True, rng=jax.random.key(0))["logits"] ** 2)
+        loss = lambda s, g=graphdef: jnp.sum(nnx.merge(g, s)(x, train=True, rng=jax.random.key(0))["logits"] ** 2)
         grads.append(jax.jit(jax.grad(loss))(state))
     flat = jax.tree.leaves(grads[0])
     assert all(np.all(np.isfinite(g)) for g in flat) and any(np.any(g != 0) for g in flat)

@@ -54,11 +54,11 @@ def _reference(p: dict, y: np.ndarray, visual: np.ndarray, idx: np.ndarray) -> n
     k, v = ref.dense(kv, p["k"]["kernel"]), ref.dense(kv, p["v"]["kernel"])
     out = np.zeros(q.shape)
     for bi in range(b):
-        for l in range(y.shape[1]):
-            if idx[bi, l] < 0:
+        for t in range(y.shape[1]):
+            if idx[bi, t] < 0:
                 continue  # sees no image: exactly zero
-            sl = slice(idx[bi, l] * m, (idx[bi, l] + 1) * m)
-            out[bi, l:l + 1] = ref.attention(q[bi:bi + 1, l:l + 1], k[bi:bi + 1, sl], v[bi:bi + 1, sl])[0]
+            sl = slice(idx[bi, t] * m, (idx[bi, t] + 1) * m)
+            out[bi, t : t + 1] = ref.attention(q[bi : bi + 1, t : t + 1], k[bi : bi + 1, sl], v[bi : bi + 1, sl])[0]
     y = y + np.tanh(p["attn_gate"]) * ref.dense(out, p["o"]["kernel"], n_in=2)
     h = ref.layer_norm(y, p["ffw_norm"]["scale"], p["ffw_norm"]["bias"])
     ffw = ref.dense(ref.squared_relu(ref.dense(h, p["ffw"]["up"]["kernel"])), p["ffw"]["down"]["kernel"])
@@ -72,8 +72,7 @@ def test_matches_float64_reference_with_masking():
     y = np.asarray(jax.random.normal(jax.random.key(5), (2, 8, 16)))
     visual = np.asarray(jax.random.normal(jax.random.key(6), (2, 3, 4, 12)))
     got = np.asarray(blk(jnp.asarray(y), jnp.asarray(visual), jnp.asarray(idx)), np.float64)
-    want = _reference(ref.to64(nnx.to_pure_dict(nnx.state(blk))), y.astype(np.float64), visual.astype(np.float64),
-                      idx)
+    want = _reference(ref.to64(nnx.to_pure_dict(nnx.state(blk))), y.astype(np.float64), visual.astype(np.float64), idx)
     assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < 1e-5
 
 

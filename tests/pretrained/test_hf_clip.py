@@ -1,4 +1,4 @@
-"""HF CLIP vision towers (built and saved offline by `transformers`) load into our ViT with matching features."""
+"""HF CLIP vision towers (built and saved offline by `transformers`) load into our ViT: same features."""
 
 from __future__ import annotations
 
@@ -15,8 +15,14 @@ from flamingo_jax import sharding
 from flamingo_jax.models import vit
 from flamingo_jax.pretrained import hf_clip, load
 
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-              patch_size=8)
+VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+)
 
 
 def _perturb(model: torch.nn.Module) -> None:
@@ -53,8 +59,9 @@ def test_features_match_last_hidden_state(vision_dir):
     feats = np.asarray(model.features(jnp.asarray(IMAGES)))
     assert feats.shape == (2, 17, 32)
     np.testing.assert_allclose(feats, out.last_hidden_state.numpy(), atol=1e-4, rtol=0)
-    np.testing.assert_allclose(np.asarray(model.pooled(jnp.asarray(IMAGES))), out.pooler_output.numpy(),
-                               atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(model.pooled(jnp.asarray(IMAGES))), out.pooler_output.numpy(), atol=1e-4, rtol=0
+    )
     patches = np.asarray(model.features(jnp.asarray(IMAGES), cls_token=False, post_norm=True))
     assert patches.shape == (2, 16, 32)
 
@@ -63,9 +70,16 @@ def test_full_clip_model_directory(tmp_path):
     torch.manual_seed(0)
     cfg = transformers.CLIPConfig(
         vision_config=VISION,
-        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         vocab_size=50, max_position_embeddings=16),
-        projection_dim=8)
+        text_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=50,
+            max_position_embeddings=16,
+        ),
+        projection_dim=8,
+    )
     ref = transformers.CLIPModel(cfg).eval()
     _perturb(ref)
     ref.save_pretrained(tmp_path)
@@ -94,6 +108,8 @@ def test_mismatched_tensor_fails_by_name(vision_dir, tmp_path):
     tensors["embeddings.position_embedding.weight"] = tensors["embeddings.position_embedding.weight"][:10]
     save_file(tensors, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
-    with pytest.raises(load.CheckpointError,
-                       match=r"embeddings.position_embedding.weight.*shape \(10, 32\), expected shape \(17, 32\)"):
+    with pytest.raises(
+        load.CheckpointError,
+        match=r"embeddings.position_embedding.weight.*shape \(10, 32\), expected shape \(17, 32\)",
+    ):
         hf_clip.load_clip_vision(tmp_path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
@@ -22,19 +21,44 @@ VOCAB = 64
 CONFIGS = {
     # GQA (8 query heads, 4 key/value heads), untied head, multi-shard safetensors with an index.
     "llama_gqa": lambda: transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=8,
-        num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False, rms_norm_eps=1e-5,
-        rope_theta=5000.0),
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+        rope_theta=5000.0,
+    ),
     "llama_tied": lambda: transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=64, tie_word_embeddings=True),
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    ),
     "qwen2": lambda: transformers.Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=8,
-        num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False),
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    ),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32),
 }
-MODELS = {"llama_gqa": transformers.LlamaForCausalLM, "llama_tied": transformers.LlamaForCausalLM,
-          "qwen2": transformers.Qwen2ForCausalLM, "gpt2": transformers.GPT2LMHeadModel}
+MODELS = {
+    "llama_gqa": transformers.LlamaForCausalLM,
+    "llama_tied": transformers.LlamaForCausalLM,
+    "qwen2": transformers.Qwen2ForCausalLM,
+    "gpt2": transformers.GPT2LMHeadModel,
+}
 
 
 def _save(kind: str, path: Path) -> torch.nn.Module:
@@ -80,17 +104,26 @@ def test_logits_match_transformers(saved, kind):
     np.testing.assert_allclose(np.asarray(model.embed.added[...]), np.repeat(emb.mean(0)[None], 3, 0), atol=1e-6)
     if model.head is not None:
         head = np.asarray(model.head.base[...])
-        np.testing.assert_allclose(np.asarray(model.head.added[...]), np.repeat(head.mean(1)[:, None], 3, 1),
-                                   atol=1e-6)
+        np.testing.assert_allclose(np.asarray(model.head.added[...]), np.repeat(head.mean(1)[:, None], 3, 1), atol=1e-6)
 
 
 def test_config_fields(saved):
     cfg = hf_lm.lm_config_from_hf(saved["llama_gqa"][0])
-    assert (cfg["num_heads"], cfg["num_kv_heads"], cfg["rope_theta"], cfg["tie_embeddings"]) == (8, 4, 5000.0, False)
+    assert (cfg["num_heads"], cfg["num_kv_heads"], cfg["rope_theta"], cfg["tie_embeddings"]) == (
+        8,
+        4,
+        5000.0,
+        False,
+    )
     qwen = hf_lm.lm_config_from_hf(saved["qwen2"][0])
     assert qwen["family"] == "llama" and qwen["qkv_bias"] and not qwen["out_bias"]
     gpt2 = hf_lm.lm_config_from_hf(saved["gpt2"][0])
-    assert (gpt2["family"], gpt2["mlp_act"], gpt2["max_len"], gpt2["tie_embeddings"]) == ("gpt2", "gelu_tanh", 32, True)
+    assert (gpt2["family"], gpt2["mlp_act"], gpt2["max_len"], gpt2["tie_embeddings"]) == (
+        "gpt2",
+        "gelu_tanh",
+        32,
+        True,
+    )
 
 
 @pytest.mark.parametrize("kind", ["llama_gqa", "gpt2"])
@@ -144,12 +177,14 @@ def test_missing_mismatched_and_extra_tensors_fail_by_name(saved, tmp_path):
 
     def shrink(t):
         t[name] = t[name][:16]
+
     _rewrite(src, tmp_path / "mismatch", shrink)
     with pytest.raises(load.CheckpointError, match=rf"{name}.*shape \(16, 32\), expected shape \(32, 32\)"):
         hf_lm.load_lm(tmp_path / "mismatch")
 
     def extra(t):
         t["model.layers.0.self_attn.mystery"] = np.zeros((3,), np.float32)
+
     _rewrite(src, tmp_path / "extra", extra)
     with pytest.raises(load.CheckpointError, match=r"unexpected tensors.*model.layers.0.self_attn.mystery"):
         hf_lm.load_lm(tmp_path / "extra")
@@ -161,6 +196,7 @@ def test_bfloat16_checkpoint_casts_to_param_dtype(saved, tmp_path):
     model = hf_lm.load_lm(tmp_path / "bf16", param_dtype=jnp.float32)
     ref = hf_lm.load_lm(src, param_dtype=jnp.bfloat16)
     assert model.embed.base[...].dtype == jnp.float32 and ref.embed.base[...].dtype == jnp.bfloat16
-    np.testing.assert_array_equal(np.asarray(model.layers.attn.q.kernel[...]),
-                                  np.asarray(ref.layers.attn.q.kernel[...].astype(jnp.float32)))
-    json.loads((tmp_path / "bf16" / "config.json").read_text())
+    np.testing.assert_array_equal(
+        np.asarray(model.layers.attn.q.kernel[...]),
+        np.asarray(ref.layers.attn.q.kernel[...].astype(jnp.float32)),
+    )

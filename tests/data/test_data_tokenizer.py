@@ -1,0 +1,130 @@
+"""Tokenizer: added-token layout, special-token parsing, errors that name the path."""
+
+import io
+import json
+import pickle
+
+import pytest
+import sentencepiece as spm
+import tokenizers
+from tokenizers import models, pre_tokenizers
+
+from flamingo_jax.data import tokenizer as tokenizer_lib
+from flamingo_jax.data.tokenizer import NUM_ADDED_TOKENS, Tokenizer, TokenizerError
+
+TEXT = ["a red circle at the top left", "two blue squares in the center", "a green triangle moves up"] * 20
+
+
+def _sp_model(path, **kwargs):
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXT),
+        model_writer=model,
+        vocab_size=60,
+        hard_vocab_limit=False,
+        model_type="bpe",
+        minloglevel=2,
+        **({"pad_id": -1} | kwargs),
+    )
+    path.write_bytes(model.getvalue())
+    return str(path)
+
+
+def _hf_json(path, tokens, specials=()):
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if specials:
+        tok.add_special_tokens(list(specials))
+    tok.save(str(path))
+    return str(path)
+
+
+def test_sentencepiece_layout_and_roundtrip(tmp_path):
+    tok = Tokenizer.from_path(_sp_model(tmp_path / "t.model"))
+    n = tok.base_vocab_size
+    assert NUM_ADDED_TOKENS == 3 and tok.vocab_size == n + 3
+    assert (tok.image_id, tok.eoc_id, tok.pad_id) == (n, n + 1, n + 2)
+    assert tok.bos_id == 1 and tok.eos_id == 2
+    ids = tok.encode("<image>a red circle<|endofchunk|><image>two blue squares<|endofchunk|>")
+    assert ids[0] == tok.image_id and ids.count(tok.image_id) == 2 and ids.count(tok.eoc_id) == 2
+    assert all(i < n for i in ids if i not in (tok.image_id, tok.eoc_id))
+    assert tok.decode(ids) == "<image>a red circle<|endofchunk|><image>two blue squares<|endofchunk|>"
+    assert tok.decode([*ids, tok.pad_id, tok.pad_id]) == tok.decode(ids)  # Padding renders as nothing.
+    # Untrusted text cannot fake an image position.
+    raw = tok.encode("look <image> here", allow_special=False)
+    assert raw and all(i < n for i in raw)
+    with pytest.raises(ValueError):
+        tok.decode([n + 3])
+
+
+def test_sentencepiece_own_pad(tmp_path):
+    tok = Tokenizer.from_path(_sp_model(tmp_path / "t.model", pad_id=3))
+    assert tok.pad_id == 3 and tok.image_id == tok.base_vocab_size
+
+
+def test_sentencepiece_defining_image_token_is_ambiguous(tmp_path):
+    path = _sp_model(tmp_path / "t.model", user_defined_symbols=["<image>"])
+    with pytest.raises(TokenizerError, match=r"t\.model"):
+        Tokenizer.from_path(path)
+
+
+def test_missing_and_garbage_files_name_the_path(tmp_path):
+    with pytest.raises(TokenizerError, match=r"nothere\.model"):
+        Tokenizer.from_path(tmp_path / "nothere.model")
+    (tmp_path / "bad.model").write_bytes(b"not a model")
+    with pytest.raises(TokenizerError, match=r"bad\.model"):
+        Tokenizer.from_path(tmp_path / "bad.model")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(TokenizerError, match=r"bad\.json"):
+        Tokenizer.from_path(tmp_path / "bad.json")
+
+
+def test_no_eos_is_an_error(tmp_path):
+    path = _sp_model(tmp_path / "t.model", eos_id=-1)
+    with pytest.raises(TokenizerError, match="end-of-sequence"):
+        Tokenizer.from_path(path)
+
+
+def test_hf_tokenizer_json(tmp_path):
+    words = ["[UNK]", "<pad>", "</s>", "a", "red", "circle", "two", "blue", "squares"]
+    tok = Tokenizer.from_path(_hf_json(tmp_path / "tokenizer.json", words))
+    assert tok.base_vocab_size == len(words)
+    assert (tok.pad_id, tok.eos_id, tok.bos_id) == (1, 2, None)  # Its own pad, not base + 2.
+    assert (tok.image_id, tok.eoc_id) == (9, 10)
+    ids = tok.encode("<image>a red circle<|endofchunk|>")
+    assert ids == [9, 3, 4, 5, 10]
+    assert tok.decode(ids) == "<image>a red circle<|endofchunk|>"
+
+
+def test_hf_tokenizer_config_names_specials(tmp_path):
+    words = ["[UNK]", "<s>", "<end>", "a", "red"]
+    path = _hf_json(tmp_path / "tokenizer.json", words)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<end>"}}))
+    tok = Tokenizer.from_path(path)
+    assert (tok.eos_id, tok.bos_id, tok.pad_id) == (2, 1, len(words) + 2)
+
+
+def test_hf_with_specials_already_appended_is_accepted(tmp_path):
+    words = ["[UNK]", "</s>", "a", "red"]
+    path = _hf_json(tmp_path / "tokenizer.json", words, specials=["<image>", "<|endofchunk|>", "<pad>"])
+    tok = Tokenizer.from_path(path)
+    assert (tok.base_vocab_size, tok.image_id, tok.eoc_id, tok.pad_id) == (4, 4, 5, 6)
+    assert tok.encode("<image>a red<|endofchunk|>") == [4, 2, 3, 5]
+    assert tok.encode("<image>a", allow_special=False) == [2]
+
+
+def test_hf_with_specials_elsewhere_is_ambiguous(tmp_path):
+    words = ["[UNK]", "</s>", "<image>", "a", "red"]
+    path = _hf_json(tmp_path / "tokenizer.json", words)
+    with pytest.raises(TokenizerError, match=r"tokenizer\.json"):
+        Tokenizer.from_path(path)
+
+
+def test_pickles_as_its_path(tmp_path):
+    tok = Tokenizer.from_path(_sp_model(tmp_path / "t.model"))
+    blob = pickle.dumps(tok)
+    assert len(blob) < 500  # The path, not the model.
+    tok2 = pickle.loads(blob)
+    assert tok2.encode("a red circle<image>") == tok.encode("a red circle<image>")
+    assert tokenizer_lib.IMAGE_TOKEN == "<image>" and tokenizer_lib.EOC_TOKEN == "<|endofchunk|>"

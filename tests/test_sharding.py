@@ -1,0 +1,62 @@
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from flamingo_jax import sharding
+from flamingo_jax.models import layers
+
+
+def test_mesh_fills_minus_one_and_rejects_mismatch():
+    mesh = sharding.make_mesh((2, -1, 2))
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    with pytest.raises(sharding.ShardingError, match="needs 16 devices, but 8"):
+        sharding.make_mesh((2, 4, 2))
+    with pytest.raises(sharding.ShardingError, match="not divisible"):
+        sharding.make_mesh((3, -1, 1))
+    with pytest.raises(sharding.ShardingError, match="at most one"):
+        sharding.make_mesh((-1, -1, 1))
+
+
+def test_logical_rules_map_and_do_not_reuse_mesh_axes():
+    mesh = sharding.make_mesh((2, 2, 2))
+    rules = sharding.DEFAULT_RULES
+    assert sharding.logical_to_spec(("embed", "mlp"), rules, shape=(16, 32), mesh=mesh) == P("fsdp", "tensor")
+    # `batch` takes data and fsdp; a later `embed` (fsdp) must not reuse fsdp.
+    spec = sharding.logical_to_spec(("batch", "length", "embed"), rules, shape=(8, 4, 16), mesh=mesh)
+    assert spec == P(("data", "fsdp"), None, None)
+
+
+def test_unmatched_axis_and_indivisible_dim_are_errors():
+    mesh = sharding.make_mesh((1, 2, 4))
+    with pytest.raises(sharding.ShardingError, match=r"'experts'.*no sharding rule"):
+        sharding.logical_to_spec(("experts", "embed"), sharding.DEFAULT_RULES, shape=(4, 8), mesh=mesh)
+    with pytest.raises(sharding.ShardingError, match="not divisible by mesh axes"):
+        sharding.logical_to_spec(("embed", "mlp"), sharding.DEFAULT_RULES, shape=(16, 6), mesh=mesh,
+                                 what="parameter w")
+    # Activations fall back to replication instead.
+    spec = sharding.logical_to_spec(("batch", "mlp"), sharding.DEFAULT_RULES, shape=(3, 6), mesh=mesh, strict=False)
+    assert spec == P(None, None)
+
+
+def test_state_shardings_from_module_axes():
+    mesh = sharding.make_mesh((1, 2, 4))
+    model = nnx.eval_shape(lambda: layers.FeedForward(16, 32, act="gelu", gated=True, rngs=nnx.Rngs(0)))
+    sh = sharding.state_shardings(nnx.state(model), mesh, sharding.DEFAULT_RULES)
+    assert sh["up"]["kernel"].get_value().spec == P("fsdp", "tensor")
+    assert sh["down"]["kernel"].get_value().spec == P("tensor", "fsdp")
+    # A parameter whose axes name no rule fails with its path.
+    bad = nnx.eval_shape(lambda: layers.DenseGeneral(16, 8, ("embed", "experts"), rngs=nnx.Rngs(0)))
+    with pytest.raises(sharding.ShardingError, match=r"parameter kernel.*'experts'"):
+        sharding.state_shardings(nnx.state(bad), mesh, sharding.DEFAULT_RULES)
+
+
+def test_constrain_is_a_no_op_without_context_and_shards_within():
+    x = jnp.ones((8, 4, 16))
+    assert sharding.constrain(x, ("batch", "length", "embed")) is x
+    mesh = sharding.make_mesh((2, 2, 2))
+    with sharding.use_mesh_rules(mesh, sharding.DEFAULT_RULES):
+        y = jax.jit(lambda a: sharding.constrain(a * 2, ("batch", "length", "embed")))(x)
+    assert y.sharding.spec[0] == ("data", "fsdp")
+    assert {sh.data.shape for sh in y.addressable_shards} == {(2, 4, 16)}
