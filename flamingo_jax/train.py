@@ -363,7 +363,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             if preempted or ckpt.due(done):
                 ckpt.save(done, state, iters)
             if preempted:
-                progress.write(ckpt.resume_hint(done))
                 logging.warning(ckpt.resume_hint(done))
                 break
     progress.close()

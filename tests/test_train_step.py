@@ -101,8 +101,8 @@ def rel_err(a, b) -> float:
 def config():
     c = tiny_train_config()
     c.model.trainable = ("resampler/.*", "xattn/.*", "lm/(embed|head)/added")
-    # Three of the four kinds keep compile times down: interleaved (5 media), pairs, video (frames).
-    c.data.datasets = {k: v for k, v in c.data.datasets.items() if k in ("m3w", "ltip", "vtp")}
+    # Two datasets keep compile times down; interleaved (several media) and video (frames) differ the most.
+    c.data.datasets = {k: v for k, v in c.data.datasets.items() if k in ("m3w", "vtp")}
     return c
 
 
@@ -166,7 +166,7 @@ def test_accumulated_gradient_is_weighted_sum_and_micro_batch_invariant(config, 
     assert tree_rel_err(g_all, hand) < 1e-5
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_all["resampler"])) > 0
 
-    g4, m4 = grads_fn(tr, micro={"m3w": 4, "ltip": 2, "vtp": 8})(state["params"], frozen, batches)
+    g4, m4 = grads_fn(tr, micro={"m3w": 4, "vtp": 8})(state["params"], frozen, batches)
     np.testing.assert_allclose(m4["train/loss"], m_all["train/loss"], rtol=1e-5)
     assert tree_rel_err(g4, g_all) < 1e-5
 

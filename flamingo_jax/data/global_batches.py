@@ -114,6 +114,6 @@ def grain_state_after(batches: int, batch_size: int, worker_count: int) -> dict[
         last_seen[str(i)] = i - w + made * batch_size * w
     return {
         "last_seen_indices": last_seen,
-        "last_worker_index": (batches - 1) % w if batches else -1,
+        "last_worker_index": batches % w - 1,  # Grain's convention: the next worker's index, minus one
         "worker_count": w,
     }
