@@ -1,31 +1,45 @@
 """Train-step throughput: step time, tokens/s, examples/s, MFU and memory, on random in-memory batches (so the
 input pipeline is excluded; `benchmarks/input_pipeline.py` measures that side).
 
-    python benchmarks/train_step.py --config=demo --steps=20
-    python benchmarks/train_step.py --config=cpu_large --steps=10
+    python benchmarks/train_step.py --preset=demo --steps=20
+    python benchmarks/train_step.py --preset=cpu_large --steps=10
+    python benchmarks/train_step.py --config=configs/flamingo_3b.py --config.model.attention=cudnn   # a GPU
 
 `demo` is configs/demo.py. `cpu_large` is a larger, LM-heavy model whose step FLOPs are dominated by matrix
 multiplies (frozen vision encoder, 8-layer d=512 LM, 256-token sequences), the case MFU is meaningful for.
+`--config` takes any config file with `--config.a.b=value` overrides, as the trainer does.
+
+MFU is printed against two peaks: the one the trainer uses (config, vendor table, or measured on a CPU) and
+the best bf16/f32 matmul this device sustains, measured here (`mfu_vs_measured_matmul`).
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import math
 import pathlib
 import resource
-import sys
 import time
 
 import jax
 import numpy as np
+from absl import app, flags
+
+from flamingo_jax import config_flags
+
+_CONFIG = config_flags.define_config_flag()
+_PRESET = flags.DEFINE_enum("preset", "demo", ["demo", "cpu_large"], "Built-in config when --config is not given.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps first (the first compiles).")
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only", False, "Compile against abstract state and print XLA's memory analysis: will it fit? No allocation."
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def load_config(name: str):
+def preset_config(name: str):
     spec = importlib.util.spec_from_file_location("demo", ROOT / "configs" / "demo.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -37,8 +51,6 @@ def load_config(name: str):
         c.model.trainable = ("resampler/.*", "xattn/.*", "lm/(embed|head)/added")  # the paper's split
         for n, ds in c.data.datasets.items():
             ds.seq_len = 256 if n == "m3w" else 64
-    elif name != "demo":
-        raise SystemExit(f"unknown --config {name!r}: demo or cpu_large")
     return c
 
 
@@ -58,45 +70,66 @@ def random_batches(config, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="demo")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=2)
-    args = parser.parse_args()
+def print_memory_analysis(name: str, tr, step, host: dict) -> None:
+    """XLA's buffer sizes for one device, from a compile against shapes only."""
+    from flamingo_jax import sharding, train
 
+    def abstract(tree, shardings):
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
+
+    with sharding.use_mesh_rules(tr.mesh, tr.rules):
+        state, frozen = jax.eval_shape(lambda: train.init_state(tr))
+        batches = {m: {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in b.items()} for m, b in host.items()}
+        t0 = time.perf_counter()
+        compiled = step.lower(abstract(state, tr.state_shardings), abstract(frozen, tr.frozen_shardings), batches)
+        compiled = compiled.compile()
+    ma = compiled.memory_analysis()
+    gib = {f: round(getattr(ma, f"{f}_size_in_bytes") / 2**30, 2) for f in ("argument", "output", "alias", "temp")}
+    result = {"config": name, "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
+    result |= {f"{k}_gib": v for k, v in gib.items()}
+    result["peak_estimate_gib"] = round(gib["argument"] + gib["output"] - gib["alias"] + gib["temp"], 2)
+    result["compile_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(result, indent=1))
+
+
+def main(argv: list[str]) -> None:
+    del argv
     from flamingo_jax import flops, sharding, train
 
-    config = load_config(args.config)
+    config = _CONFIG.value if _CONFIG.value is not None else preset_config(_PRESET.value)
+    name = flags.FLAGS["config"].config_filename if _CONFIG.value is not None else _PRESET.value
     mcfg = train.validate(config)
     mesh = sharding.make_mesh(config.mesh)
     tr = train.build(config, mcfg, mesh)
-    state, frozen = train.init_state(tr)
     steps, _ = train.compile_steps(tr)
     host = random_batches(config)
+    if _COMPILE_ONLY.value:
+        return print_memory_analysis(name, tr, steps["all"], host)
+    state, frozen = train.init_state(tr)
     batches = {k: train.to_global(v, tr) for k, v in host.items()}
     shapes = {m: {k: v.shape for k, v in b.items()} for m, b in host.items()}
 
     t0 = time.perf_counter()
     with sharding.use_mesh_rules(mesh, tr.rules):
-        for _ in range(args.warmup):
+        for _ in range(_WARMUP.value):
             state, metrics = steps["all"](state, frozen, batches)
         jax.block_until_ready(metrics)
         compile_and_warmup = time.perf_counter() - t0
         t0 = time.perf_counter()
-        for _ in range(args.steps):
+        for _ in range(_STEPS.value):
             state, metrics = steps["all"](state, frozen, batches)
         jax.block_until_ready(metrics)
-    step_time = (time.perf_counter() - t0) / args.steps
+    step_time = (time.perf_counter() - t0) / _STEPS.value
 
     peak, source = flops.peak_flops_per_device(config.train.peak_flops, mcfg.dtype)
+    matmul_peak = flops.measure_matmul_peak(mcfg.dtype)
     step_flops = train.step_flops(tr, shapes)
     tokens = sum(math.prod(s["tokens"]) for s in shapes.values())
     examples = sum(s["tokens"][0] for s in shapes.values())
     device = jax.devices()[0]
     mem = device.memory_stats() or {}
     result = {
-        "config": args.config,
+        "config": name,
         "device": f"{jax.device_count()} x {device.device_kind}",
         "step_time_s": round(step_time, 4),
         "tokens_per_s": round(tokens / step_time, 1),
@@ -105,6 +138,8 @@ def main() -> None:
         "peak_tflops_per_device": round(peak / 1e12, 4),
         "peak_source": source,
         "mfu": round(step_flops / step_time / (peak * jax.device_count()), 4),
+        "measured_matmul_tflops_per_device": round(matmul_peak / 1e12, 1),
+        "mfu_vs_measured_matmul": round(step_flops / step_time / (matmul_peak * jax.device_count()), 4),
         "compile_and_warmup_s": round(compile_and_warmup, 1),
         "peak_host_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "device_peak_bytes_in_use_gb": round(mem.get("peak_bytes_in_use", 0) / 2**30, 3) or None,
@@ -113,4 +148,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    app.run(main)

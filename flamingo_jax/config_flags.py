@@ -9,6 +9,9 @@ from ml_collections import config_flags
 
 
 def define_config_flag() -> flags.FlagHolder:
+    # Idempotent, so that a script that imports the trainer (benchmarks, tools) shares its --config flag.
+    if "config" in flags.FLAGS:
+        return flags.FlagHolder(flags.FLAGS, flags.FLAGS["config"])
     return config_flags.DEFINE_config_file(
         "config", None, "Path to a config file in configs/ (arg after ':').", lock_config=True
     )

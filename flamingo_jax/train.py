@@ -216,7 +216,12 @@ def step_flops(tr: Trainer, batch_shapes: Mapping[str, Mapping[str, tuple]]) -> 
     # A tower trains when any of its weights (beyond the added token rows) is in the trainable tree.
     lm_trains = "layers" in p.get("lm", {})
     vision_trains = "vision" in p
-    model = tr.parts.merge
+    parts = tr.parts
+    if tr.mcfg.attention != "xla":
+        # A fused kernel is one opaque call in the jaxpr: count the same attention through its XLA form.
+        xla_cfg = dataclasses.replace(tr.mcfg, attention="xla")
+        parts, _, _ = train_step.split_model(nnx.eval_shape(lambda: flamingo.Flamingo(xla_cfg, rngs=nnx.Rngs(0))))
+    model = parts.merge
     total = 0.0
     for shapes in batch_shapes.values():
         media = jax.ShapeDtypeStruct(shapes["media"], jnp.uint8)

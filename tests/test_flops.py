@@ -29,3 +29,26 @@ def test_configured_peak_wins_and_cpu_peak_is_measured():
     assert flops.peak_flops_per_device(1e12, "float32") == (1e12, "config.train.peak_flops")
     peak, source = flops.peak_flops_per_device(0.0, "float32")
     assert source.startswith("measured") and 1e9 < peak < 1e14
+
+
+def test_step_flops_do_not_depend_on_the_attention_kernel():
+    # A fused kernel (cuDNN) is one opaque call in the jaxpr; MFU must count the same attention FLOPs for it.
+    from flamingo_jax import sharding, train
+    from tests.configs import tiny_train_config
+
+    counts = {}
+    for impl in ("xla", "cudnn"):
+        c = tiny_train_config()
+        c.model.attention = impl
+        tr = train.build(c, train.validate(c), sharding.make_mesh((-1, 1, 1)))
+        shapes = {}
+        for name, ds in c.data.datasets.items():
+            b, s = ds.batch_size, c.model.vision.image_size
+            shapes[name] = dict(media=(b, ds.max_media, ds.frames, s, s, 3), tokens=(b, ds.seq_len))
+        counts[impl] = train.step_flops(tr, shapes)
+    assert counts["xla"] > 0 and counts["cudnn"] == counts["xla"]
+
+
+def test_matmul_peak_is_measured_for_the_compute_dtype():
+    peak = flops.measure_matmul_peak("float32", n=256, seconds=0.2)
+    assert 1e8 < peak < 1e15
