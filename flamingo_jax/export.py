@@ -138,9 +138,13 @@ _ST_DTYPES = {
 
 
 def write_safetensors(path: str, tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> None:
-    """The safetensors format (an 8-byte little-endian header size, a JSON header, raw little-endian data)."""
+    """The safetensors format (an 8-byte little-endian header size, a JSON header, raw little-endian data).
+
+    Written here rather than with `safetensors.numpy.save_file`, which needs every tensor in host memory at
+    once: this fetches one tensor at a time from its devices. The files are read back with `safetensors`.
+    """
     if sys.byteorder != "little":
-        raise NotImplementedError("safetensors export needs a little-endian host")
+        raise RuntimeError("safetensors export needs a little-endian host")
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
     offset = 0
     names = sorted(tensors)
