@@ -74,15 +74,11 @@ def print_memory_analysis(name: str, tr, step, host: dict) -> None:
     """XLA's buffer sizes for one device, from a compile against shapes only."""
     from flamingo_jax import sharding, train
 
-    def abstract(tree, shardings):
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
-
+    state, frozen = train.abstract_state(tr)
+    batches = {m: {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in b.items()} for m, b in host.items()}
+    t0 = time.perf_counter()
     with sharding.use_mesh_rules(tr.mesh, tr.rules):
-        state, frozen = jax.eval_shape(lambda: train.init_state(tr))
-        batches = {m: {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in b.items()} for m, b in host.items()}
-        t0 = time.perf_counter()
-        compiled = step.lower(abstract(state, tr.state_shardings), abstract(frozen, tr.frozen_shardings), batches)
-        compiled = compiled.compile()
+        compiled = step.lower(state, frozen, batches).compile()
     ma = compiled.memory_analysis()
     gib = {f: round(getattr(ma, f"{f}_size_in_bytes") / 2**30, 2) for f in ("argument", "output", "alias", "temp")}
     result = {"config": name, "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}

@@ -148,6 +148,18 @@ def init_state(tr: Trainer) -> tuple[dict, Any]:
     return state, frozen
 
 
+def abstract_state(tr: Trainer) -> tuple[dict, Any]:
+    """(train state, frozen params) as sharded ShapeDtypeStructs: what `init_state` returns, with nothing
+    allocated; for compiling (`jit(...).lower(...)`) and memory planning."""
+    with sharding.use_mesh_rules(tr.mesh, tr.rules):
+        state, frozen = jax.eval_shape(lambda: init_state(tr))
+
+    def with_shardings(tree: Any, shardings: Any) -> Any:
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
+
+    return with_shardings(state, tr.state_shardings), with_shardings(frozen, tr.frozen_shardings)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Input pipeline: one Grain iterator per dataset; host batches become global arrays sharded over `batch`.
 def make_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:

@@ -60,3 +60,24 @@ def test_constrain_is_a_no_op_without_context_and_shards_within():
         y = jax.jit(lambda a: sharding.constrain(a * 2, ("batch", "length", "embed")))(x)
     assert y.sharding.spec[0] == ("data", "fsdp")
     assert {sh.data.shape for sh in y.addressable_shards} == {(2, 4, 16)}
+
+
+def test_sharded_step_compiles_without_involuntary_rematerialization(capfd):
+    # XLA warns, on stderr, when it can only reshard an activation by replicating it whole. The embedding
+    # lookup did that on a (2, 2, 2) mesh before its table was gathered over `fsdp` first.
+    from benchmarks.train_step import random_batches
+    from flamingo_jax import train
+    from tests.configs import tiny_train_config
+
+    c = tiny_train_config()
+    c.mesh = (2, 2, 2)
+    tr = train.build(c, train.validate(c), sharding.make_mesh(c.mesh))
+    steps, _ = train.compile_steps(tr)
+    batches = random_batches(c)
+    batches = {m: {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in b.items()} for m, b in batches.items()}
+    state, frozen = train.abstract_state(tr)
+    capfd.readouterr()
+    with sharding.use_mesh_rules(tr.mesh, tr.rules):
+        steps["all"].lower(state, frozen, batches).compile()
+    err = capfd.readouterr().err
+    assert "Involuntary full rematerialization" not in err, err[:2000]

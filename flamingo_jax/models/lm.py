@@ -117,10 +117,16 @@ class Embedding(nnx.Module):
     def __call__(self, ids: Array, dtype: jnp.dtype) -> Array:
         # A gather per table instead of concatenating them: no copy of a [vocab, embed] matrix per step, and
         # the added rows receive gradient only from the added ids.
+        # Gather the tables' `embed` shards first, as FSDP does for every weight: rows looked up from an
+        # embed-sharded table come out embed-sharded, and XLA can only make them batch-sharded by replicating the
+        # whole activation (its "involuntary full rematerialization" warning).
+        table = sharding.constrain(self.base[...], ("vocab", None))
+        extra = sharding.constrain(self.added[...], ("added_vocab", None))
         is_base = ids < self.vocab_size
-        base = jnp.take(self.base[...], jnp.where(is_base, ids, 0), axis=0)
-        added = jnp.take(self.added[...], jnp.where(is_base, 0, ids - self.vocab_size), axis=0)
-        return jnp.where(is_base[..., None], base, added).astype(dtype)
+        base = jnp.take(table, jnp.where(is_base, ids, 0), axis=0)
+        added = jnp.take(extra, jnp.where(is_base, 0, ids - self.vocab_size), axis=0)
+        out = jnp.where(is_base[..., None], base, added).astype(dtype)
+        return sharding.constrain(out, ("batch", "length", "embed"))
 
     def attend(self, h: Array) -> Array:
         """Tied output projection, logits in float32."""
