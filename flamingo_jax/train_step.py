@@ -164,7 +164,7 @@ def apply_update(
 ) -> tuple[dict, dict[str, Array]]:
     """One optimiser update; a non-finite loss or gradient leaves parameters and optimiser state untouched."""
     params = state["params"]
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree_utils.tree_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
