@@ -256,7 +256,7 @@ def _announce_failure(me: int, what: str) -> None:
     with contextlib.suppress(Exception):
         client.key_value_set(_FAILED_KEY, f"{me}\t{what}")
         if me == 0:
-            time.sleep(1.0)  # process 0 hosts the key-value store: let the others read the key before it goes
+            time.sleep(2.0)  # process 0 hosts the key-value store: let the others read the key before it goes
 
 
 def _start_failure_watch() -> None:
@@ -280,6 +280,11 @@ def _start_failure_watch() -> None:
                 return
             logging.error("stopping: process %s of %d failed with %s (see its log)", who, jax.process_count(), what)
             _flush_logs()
+            if me == 0:
+                # Process 0 hosts the coordination service. Leaving at once can take it down while the failed
+                # process is still between its announcement and its exit; that process's JAX client then
+                # aborts (SIGABRT, seen on a loaded CI machine) instead of exiting 1 with its own message.
+                time.sleep(2.0)
             os._exit(1)
 
     thread = threading.Thread(target=watch, name="flamingo-failure-watch", daemon=True)

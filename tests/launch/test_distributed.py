@@ -111,8 +111,9 @@ def test_failing_process_exits_at_once_and_takes_the_job_down(tmp_path):
     try:
         helpers.wait_exit(procs[1], 60)
         waited = helpers.wait_exit(procs[0], 15)
-        assert procs[1].returncode == 1 and procs[0].returncode == 1
         out1, out0 = logs[1].read_text(), logs[0].read_text()
+        assert procs[1].returncode == 1, out1[-3000:]
+        assert procs[0].returncode == 1, out0[-3000:]
         assert "process 1 of 2 failed: RuntimeError: failing on purpose" in out1, out1[-2000:]
         assert "stopping: process 1 of 2 failed with RuntimeError: failing on purpose" in out0, out0[-2000:]
         print(f"peer exited {waited:.1f} s after the failing process")
