@@ -46,7 +46,7 @@ def main() -> None:
         ds = cfg.datasets[name]
         it = loader.make_loader(
             ds, split="train", tokenizer=tok, batch_size=args.batch_size, image_size=args.image_size,
-            seed=0, process_index=0, process_count=1, train=True, worker_count=args.workers,
+            seed=0, train=True, worker_count=args.workers,
         )  # fmt: skip
         for _ in range(args.warmup):
             next(it)

@@ -6,6 +6,7 @@ runs before anything is allocated and names the field that is wrong.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
@@ -146,3 +147,42 @@ def validate(config: ml_collections.ConfigDict) -> FlamingoConfig:
         raise ValueError(f"config.mesh {mesh}: sizes must be positive, with at most one -1")
     sharding.rules_from_config(config.sharding.rules)
     return mcfg
+
+
+def validate_mesh(config: ml_collections.ConfigDict, mcfg: FlamingoConfig, mesh_shape: Mapping[str, int]) -> None:
+    """Checks every size the mesh must divide, before any array exists; names the config field at fault.
+
+    `mesh_shape` is the resolved mesh ({'data': 2, 'fsdp': 4, 'tensor': 1}); the number of shards of each logical
+    axis follows from `config.sharding.rules`, so a custom layout is checked against its own rules. Parameter
+    dims not listed here are still checked, by name, when the sharded state is planned (`sharding.state_shardings`).
+    """
+    rules = sharding.rules_from_config(config.sharding.rules)
+    mesh_desc = ", ".join(f"{k}={v}" for k, v in mesh_shape.items())
+    problems = []
+
+    def need(field: str, value: int, logical: str) -> None:
+        shards = sharding.axis_size(rules, mesh_shape, logical)
+        if value % shards:
+            axes = sharding.rule_table(rules)[logical]
+            problems.append(
+                f"{field}={value} is not divisible by {shards}, the shards of `{logical}` (mesh axes {axes})"
+            )
+
+    for name, ds in config.data.datasets.items():
+        micro = int(ds.get("micro_batches", 1))
+        need(f"config.data.datasets.{name}.batch_size", int(ds.batch_size), "batch")
+        if micro > 1 and ds.batch_size % micro == 0:
+            # A micro-batch the shards don't divide would be replicated: every rank computing all of it.
+            need(f"config.data.datasets.{name}.batch_size / micro_batches ({micro})", ds.batch_size // micro, "batch")
+    lm, xa, rs = mcfg.lm, mcfg.xattn, mcfg.resampler
+    need("config.model.lm.num_heads", lm.num_heads, "heads")
+    need("config.model.lm.num_kv_heads", lm.kv_heads, "kv_heads")
+    need("config.model.lm.dim", lm.dim, "embed")
+    need("config.model.lm.mlp_dim", lm.mlp_dim, "mlp")
+    need("config.model.lm.vocab_size", lm.vocab_size, "vocab")
+    need("config.model.xattn.num_heads", xa.num_heads, "heads")
+    need("config.model.xattn.ffw_mult * model.lm.dim", xa.ffw_mult * lm.dim, "mlp")
+    need("config.model.resampler.num_heads", rs.num_heads, "heads")
+    need("config.model.resampler.ffw_mult * vision width", rs.ffw_mult * mcfg.vision.feature_dim(), "mlp")
+    if problems:
+        raise ValueError(f"config.mesh ({mesh_desc}) does not fit the config:\n  " + "\n  ".join(problems))

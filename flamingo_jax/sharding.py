@@ -23,9 +23,12 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axes. Parameters: `embed` is FSDP-sharded, the Megatron dims (`mlp`, `heads`, `vocab`) are
-# tensor-sharded. Activations: `batch` over data and fsdp. Everything else is replicated, by an explicit entry.
+# tensor-sharded. Activations: `batch` over data and fsdp. The frozen vision encoder's images (`vision_batch`)
+# spread over every axis: its weights are replicated, so without this every `tensor` rank would encode the same
+# images. Everything else is replicated, by an explicit entry.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
+    ("vision_batch", ("data", "fsdp", "tensor")),
     ("length", None),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
@@ -51,6 +54,16 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
+
+# The config fields that size each sharded logical axis, for error messages.
+CONFIG_FIELDS = {
+    "batch": "config.data.datasets.<name>.batch_size (and micro_batches)",
+    "embed": "config.model.lm.dim",
+    "mlp": "config.model.lm.mlp_dim / config.model.xattn.ffw_mult / config.model.resampler.ffw_mult",
+    "heads": "config.model.lm.num_heads / config.model.xattn.num_heads / config.model.resampler.num_heads",
+    "kv_heads": "config.model.lm.num_kv_heads",
+    "vocab": "config.model.lm.vocab_size",
+}
 
 
 class ShardingError(ValueError):
@@ -84,7 +97,7 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
     return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def _rule_table(rules: Rules) -> dict[str, tuple[str, ...]]:
+def rule_table(rules: Rules) -> dict[str, tuple[str, ...]]:
     table: dict[str, tuple[str, ...]] = {}
     for name, target in rules:
         if target is None:
@@ -111,10 +124,10 @@ def logical_to_spec(
     """The PartitionSpec for logical `axes` under `rules`.
 
     A mesh axis already used by an earlier dimension is not reused. With `shape` and `mesh`, a dimension that the
-    mesh axes do not divide is an error when `strict` (parameters) and is left replicated otherwise (activations
-    such as a batch of one while generating).
+    mesh axes do not divide is an error when `strict` (parameters). Otherwise (activations, such as a batch of one
+    while generating) it keeps the longest leading run of its mesh axes that divides it, down to none.
     """
-    table = _rule_table(rules)
+    table = rule_table(rules)
     used: set[str] = set()
     spec: list[Any] = []
     for i, name in enumerate(axes):
@@ -133,11 +146,13 @@ def logical_to_spec(
             size = math.prod(mesh.shape[ax] for ax in targets)
             if shape[i] % size:
                 if strict:
+                    hint = CONFIG_FIELDS.get(name)
                     raise ShardingError(
                         f"{what}: dim {i} ({name}) of shape {tuple(shape)} is not divisible by mesh axes "
-                        f"{targets} of total size {size}"
+                        f"{targets} of total size {size}" + (f"; set {hint} or config.mesh to agree" if hint else "")
                     )
-                targets = ()
+                while targets and shape[i] % math.prod(mesh.shape[ax] for ax in targets):
+                    targets = targets[:-1]
         used.update(targets)
         spec.append(targets[0] if len(targets) == 1 else (targets or None))
     return PartitionSpec(*spec)
@@ -151,7 +166,7 @@ _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.Context
 
 @contextlib.contextmanager
 def use_mesh_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
-    _rule_table(rules)  # validate early
+    rule_table(rules)  # validate early
     token = _ACTIVE.set((mesh, rules))
     try:
         yield
@@ -198,6 +213,12 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
         return var.replace(NamedSharding(mesh, spec))
 
     return jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_variable)
+
+
+def axis_size(rules: Rules, mesh_shape: Mapping[str, int], name: str) -> int:
+    """How many shards logical axis `name` is split into on a mesh of `mesh_shape` (1: replicated), for a dim
+    that is the first of its array to use those mesh axes."""
+    return math.prod(mesh_shape[ax] for ax in rule_table(rules).get(name, ()))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -25,8 +25,8 @@ from jax.sharding import NamedSharding
 
 from flamingo_jax import checkpoint, config_flags, distributed, flops, optim, sharding, train_step
 from flamingo_jax import config as config_lib
+from flamingo_jax.data import host_rows, synthetic
 from flamingo_jax.data import loader as data_loader
-from flamingo_jax.data import synthetic
 from flamingo_jax.data.tokenizer import Tokenizer
 from flamingo_jax.metrics import MetricWriter, Progress, drop_rows_after, quiet_library_logs
 from flamingo_jax.models import flamingo
@@ -182,12 +182,19 @@ def make_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
     return tok
 
 
-def to_global(batch: Mapping[str, np.ndarray], tr: Trainer) -> dict[str, jax.Array]:
+def to_global(
+    batch: Mapping[str, np.ndarray], tr: Trainer, global_batch_size: int | None = None
+) -> dict[str, jax.Array]:
+    """This process's rows of a global batch (`host_rows.batch_rows`, in order) -> global arrays sharded over
+    `batch`. `global_batch_size` defaults to the local row count, which only a single process may rely on."""
     out = {}
     for k, v in batch.items():
-        global_shape = (v.shape[0] * jax.process_count(), *v.shape[1:])
+        v = np.asarray(v)
+        if global_batch_size is None and jax.process_count() > 1:
+            raise ValueError("to_global: pass the global batch size when running on several processes")
+        global_shape = (v.shape[0] if global_batch_size is None else int(global_batch_size), *v.shape[1:])
         sh = sharding.batch_sharding(tr.mesh, tr.rules, v.ndim, global_shape)
-        out[k] = jax.make_array_from_process_local_data(sh, np.asarray(v), global_shape)
+        out[k] = host_rows.global_array(v, sh, global_shape)
     return out
 
 
@@ -196,6 +203,28 @@ MODEL_KEYS = ("media", "tokens", "targets", "loss_mask", "link_next")
 
 def model_batch(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: batch[k] for k in MODEL_KEYS if k in batch}
+
+
+def abstract_batches(tr: Trainer, *, train: bool = True) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
+    """Every dataset's global batch as sharded ShapeDtypeStructs: what the input pipeline feeds the step (the
+    evaluation variant with `train=False`), for compiling without data."""
+    out = {}
+    for name in tr.names:
+        ds = data_loader.with_defaults(tr.config.data.datasets[name])
+        b, s = int(ds.batch_size), tr.mcfg.vision.image_size
+        frames = int(ds.frames if train or not ds.eval_frames else ds.eval_frames)
+        shapes = dict(
+            media=((b, int(ds.max_media), frames, s, s, 3), np.uint8),
+            tokens=((b, int(ds.seq_len)), np.int32),
+            targets=((b, int(ds.seq_len)), np.int32),
+            loss_mask=((b, int(ds.seq_len)), np.float32),
+            link_next=((b,), np.bool_),
+        )
+        out[name] = {
+            k: jax.ShapeDtypeStruct(shape, dt, sharding=sharding.batch_sharding(tr.mesh, tr.rules, len(shape), shape))
+            for k, (shape, dt) in shapes.items()
+        }
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -259,8 +288,7 @@ def evaluate(tr: Trainer, eval_step: Any, state: dict, frozen: Any, tok: Tokeniz
         tokenizer=tok,
         image_size=tr.mcfg.vision.image_size,
         seed=cfg.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        rows_for=host_rows.rows_for(tr.mesh, tr.rules),
         worker_count=0,
     )
     sums: dict[str, np.ndarray] = {}
@@ -269,7 +297,8 @@ def evaluate(tr: Trainer, eval_step: Any, state: dict, frozen: Any, tok: Tokeniz
         for i, batch in enumerate(it):
             if i >= cfg.train.eval_batches:
                 break
-            out = eval_step(state["params"], frozen, to_global(model_batch(batch), tr))
+            batch = to_global(model_batch(batch), tr, cfg.data.datasets[name].batch_size)
+            out = eval_step(state["params"], frozen, batch)
             acc += np.array([float(out["nll"]), float(out["nll_shuffled"]), float(out["tokens"])])
         sums[name] = acc
     metrics = {}
@@ -292,6 +321,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     quiet_library_logs()
     mcfg = validate(config)
     mesh = sharding.make_mesh(config.mesh)
+    config_lib.validate_mesh(config, mcfg, dict(mesh.shape))
     is_main = jax.process_index() == 0
     distributed.log_topology(mesh)
     tr = build(config, mcfg, mesh)
@@ -303,8 +333,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         tokenizer=tok,
         image_size=mcfg.vision.image_size,
         seed=config.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        rows_for=host_rows.rows_for(tr.mesh, tr.rules),
     )
     # Checkpoints: continue this workdir's run from its newest usable checkpoint (state and data iterators), or
     # start from another run's parameters (fine-tuning). Frozen weights come from config, never from checkpoints.
@@ -340,7 +369,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             t0 = time.perf_counter()
             host = {m: next(iters[m]) for m in names}
             data_wait += time.perf_counter() - t0
-            batches = {m: to_global(model_batch(b), tr) for m, b in host.items()}
+            batches = {m: to_global(model_batch(b), tr, config.data.datasets[m].batch_size) for m, b in host.items()}
             state, metrics = steps[names[0] if t.strategy == "round_robin" else "all"](state, frozen, batches)
             # Check the previous step's skip counter now that this one is queued: no device idle time.
             if pending is not None and int(pending["train/consecutive_skips"]) >= t.max_consecutive_skips:

@@ -81,3 +81,42 @@ def test_sharded_step_compiles_without_involuntary_rematerialization(capfd):
         steps["all"].lower(state, frozen, batches).compile()
     err = capfd.readouterr().err
     assert "Involuntary full rematerialization" not in err, err[:2000]
+
+
+def test_frozen_vision_encoder_spreads_over_every_mesh_axis():
+    """On a tensor-only mesh the batch is not split at all (`batch` is data x fsdp), yet the frozen encoder's
+    frames are: each device encodes 1/8 of them (XLA's per-device FLOPs), and the visual tokens equal the
+    single-device ones."""
+    import numpy as np
+
+    from flamingo_jax import train
+    from flamingo_jax.models import flamingo
+    from tests.configs import tiny_train_config
+
+    c = tiny_train_config()
+    mcfg = train.validate(c)
+    model = flamingo.Flamingo(mcfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    media = jax.random.randint(jax.random.key(1), (8, 2, 1, 32, 32, 3), 0, 256).astype(jnp.uint8)
+
+    def features(state, media):
+        m = nnx.merge(graphdef, state)
+        b, n, t, h, w, ch = media.shape
+        x = media.reshape(b * n * t, h, w, ch).astype(jnp.float32)
+        return m.vision.features(sharding.constrain(x, ("vision_batch", None, None, None)))
+
+    def flops(mesh_shape):
+        mesh = sharding.make_mesh(mesh_shape)
+        with sharding.use_mesh_rules(mesh, sharding.DEFAULT_RULES):
+            compiled = jax.jit(features).lower(state, media).compile()
+        cost = compiled.cost_analysis()
+        return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+    spread = flops((1, 1, 8))
+    data_parallel = flops((8, 1, 1))  # the frames split 8 ways by the ordinary batch rule
+    assert spread <= 1.1 * data_parallel, (spread, data_parallel)
+
+    mesh = sharding.make_mesh((1, 1, 8))
+    with sharding.use_mesh_rules(mesh, sharding.DEFAULT_RULES):
+        tokens = jax.jit(lambda s, m: nnx.merge(graphdef, s).encode_media(m))(state, media)
+    np.testing.assert_allclose(np.asarray(tokens), np.asarray(model.encode_media(media)), rtol=1e-5, atol=1e-5)

@@ -17,15 +17,17 @@ Builders (`flamingo_jax.data.builders`), one TFDS builder per kind, local source
 
 Loaders (`flamingo_jax.data.loader`), Grain:
   default_dataset_config(kind) -> ConfigDict        every per-dataset field with its default.
-  make_loader(ds_cfg, *, split, tokenizer, batch_size, image_size, seed, process_index, process_count,
-              train, num_epochs=None, worker_count=0) -> LoaderIterator
+  make_loader(ds_cfg, *, split, tokenizer, batch_size, image_size, seed, train, rows=None, num_epochs=None,
+              worker_count=0) -> LoaderIterator    batch_size is global; this host reads `rows` of each batch
     next() -> {media u8[B,M,T,S,S,3], media_mask bool[B,M], tokens i32[B,L], targets i32[B,L],
                loss_mask f32[B,L], link_next bool[B]};  get_state() -> bytes (JSON), set_state(state);
     .skipped / .metrics (load-time decode failures, batches, seconds waited in next()), .close().
     Infinite when train=True, one pass (partial last batch dropped) when train=False or num_epochs=1;
     a background thread prefetches `prefetch_batches` batches; worker_count > 0 adds Grain processes.
-  make_mixture(data_cfg, *, tokenizer, image_size, seed, process_index, process_count,
-               per_host_batch_sizes) -> {name: LoaderIterator};  make_eval_mixture(...) (one pass, eval split)
+  make_mixture(data_cfg, *, tokenizer, image_size, seed, rows_for=None, batch_sizes=None)
+      -> {name: LoaderIterator};  make_eval_mixture(...) (one pass, eval split)
+  host_rows.batch_rows(mesh, rules, global_batch_size) -> sorted rows this process's devices hold (= reads);
+  host_rows.global_array(local, sharding, global_shape) -> the global jax.Array from those rows
   get_state(iterators) -> {name: str};  set_state(iterators, states)
 
 Synthetic data (`flamingo_jax.data.synthetic`):

@@ -11,7 +11,8 @@ batch). A batch is a dict of numpy arrays with leading dim B = per-host batch si
     link_next  bool    [B]                               text linked to the next image (M3W, p_next)
 
 Determinism: the sampler's global index fixes both the record and its random stream (crop, flip, window,
-link_next), so a restored iterator state replays exactly, in any process.
+link_next), so a restored iterator state replays exactly, in any process. B is the number of this host's rows
+of the global batch (`rows`, see global_batches.py); all of it on a single host.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import queue
 import threading
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain.python as grain
@@ -49,7 +50,7 @@ def default_dataset_config(kind: str) -> ml_collections.ConfigDict:
             "train_split": "train",
             "eval_split": "eval",
             "weight": 1.0,  # lambda_m of the loss.
-            "batch_size": 8,  # Global batch size; per host = batch_size // process_count.
+            "batch_size": 8,  # Global batch size; each host reads its devices' rows of it (data.host_rows).
             "seq_len": 256 if interleaved else 32,
             "max_media": 5 if interleaved else 1,
             "frames": 8 if video else 1,
@@ -171,7 +172,7 @@ class LoaderIterator:
     ):
         self.name = name
         self._sampler = sampler  # Rebuilds a state saved by another host/process count (set_state).
-        self.num_records = num_records  # Records in this host's shard of the split, one epoch.
+        self.num_records = num_records  # Records this host reads in one epoch of the split.
         self._image_id = image_id
         self._it = iter(loader)
         self._prefetch = int(prefetch)
@@ -280,20 +281,20 @@ def make_loader(
     batch_size: int,
     image_size: int,
     seed: int,
-    process_index: int,
-    process_count: int,
     train: bool,
+    rows: Sequence[int] | None = None,
     num_epochs: int | None = None,
     worker_count: int = 0,
 ) -> LoaderIterator:
-    """A batched iterator over this host's shard of one split of one dataset.
+    """A batched iterator over this host's rows of one split of one dataset.
 
     Training (train=True): globally shuffled by `seed`, repeated forever unless num_epochs is given, with
     augmentation. Evaluation: file order, one pass (num_epochs=1 by default), deterministic preprocessing.
-    Each host reads its rows of every global batch of `batch_size * process_count` records
-    (global_batches.GlobalBatchSampler): the hosts' reads are disjoint, and global batch t is the same for any
-    process count, so losses match across topologies and a checkpoint resumes on a different number of hosts.
-    A pass reads floor(N / global batch) whole global batches (all hosts run equally many steps).
+    `batch_size` is the global batch size; the host reads `rows` (sorted; default all: a single host) of every
+    global batch (global_batches.GlobalBatchSampler), e.g. `host_rows.batch_rows(mesh, rules, batch_size)`. Global
+    batch t is the same for any process count and mesh, so losses match across topologies and a checkpoint
+    resumes on another layout. A pass reads floor(N / batch_size) whole global batches (all hosts run equally
+    many steps).
     """
     cfg = with_defaults(ds_cfg)
     if not train and cfg.eval_frames:
@@ -309,9 +310,8 @@ def make_loader(
         flags.FLAGS.mark_as_parsed()
     sampler = GlobalBatchSampler(
         len(source),
-        process_index=process_index,
-        process_count=process_count,
-        host_batch_size=batch_size,
+        global_batch_size=batch_size,
+        rows=rows,
         worker_count=worker_count,
         shuffle=train,
         num_epochs=num_epochs,
@@ -322,7 +322,7 @@ def make_loader(
         sampler=sampler,
         operations=[
             ToExample(cfg, tokenizer, image_size, train),
-            grain.Batch(batch_size, drop_remainder=True),
+            grain.Batch(sampler.host_batch_size, drop_remainder=True),
         ],
         worker_count=worker_count,
         worker_buffer_size=int(cfg.worker_buffer_size),
@@ -335,7 +335,7 @@ def make_loader(
         loader,
         name=f"{cfg.kind}:{split}",
         image_id=tokenizer.image_id,
-        num_records=len(source) // process_count,
+        num_records=len(source) * sampler.host_batch_size // batch_size,
         prefetch=int(cfg.prefetch_batches),
         sampler=sampler,
     )
@@ -352,39 +352,34 @@ def make_mixture(
     tokenizer: Tokenizer,
     image_size: int,
     seed: int,
-    process_index: int,
-    process_count: int,
-    per_host_batch_sizes: Mapping[str, int] | None = None,
+    rows_for: Callable[[int], Sequence[int]] | None = None,
+    batch_sizes: Mapping[str, int] | None = None,
     train: bool = True,
     num_epochs: int | None = None,
     worker_count: int | None = None,
 ) -> dict[str, LoaderIterator]:
     """One loader per entry of `data_cfg.datasets` (name -> dataset config), keyed by name.
 
-    Training split and settings by default; `make_eval_mixture` gives the evaluation variants. A dataset
-    missing from per_host_batch_sizes uses its global `batch_size // process_count`. `worker_count`
-    defaults to `data_cfg.worker_count` (0 if unset).
+    Training split and settings by default; `make_eval_mixture` gives the evaluation variants. Each dataset's
+    global batch size is its `batch_size` unless `batch_sizes` gives another; `rows_for(global_batch_size)` is
+    this host's rows of such a batch (the trainer passes `host_rows.batch_rows` for its mesh; default all rows:
+    a single host). `worker_count` defaults to `data_cfg.worker_count` (0 if unset).
     """
     if worker_count is None:
         worker_count = int(data_cfg.get("worker_count", 0))
     loaders = {}
     for name, ds_cfg in data_cfg.datasets.items():
         cfg = with_defaults(ds_cfg)
-        bs = (per_host_batch_sizes or {}).get(name)
-        if bs is None:
-            if cfg.batch_size % process_count:
-                raise ValueError(f"{name}: batch_size {cfg.batch_size} not divisible by {process_count} hosts.")
-            bs = cfg.batch_size // process_count
+        bs = int((batch_sizes or {}).get(name, cfg.batch_size))
         loaders[name] = make_loader(
             cfg,
             split=cfg.train_split if train else cfg.eval_split,
             tokenizer=tokenizer,
-            batch_size=int(bs),
+            batch_size=bs,
             image_size=image_size,
             seed=dataset_seed(seed, name),
-            process_index=process_index,
-            process_count=process_count,
             train=train,
+            rows=None if rows_for is None else rows_for(bs),
             num_epochs=num_epochs,
             worker_count=worker_count,
         )
@@ -397,9 +392,8 @@ def make_eval_mixture(
     tokenizer: Tokenizer,
     image_size: int,
     seed: int,
-    process_index: int,
-    process_count: int,
-    per_host_batch_sizes: Mapping[str, int] | None = None,
+    rows_for: Callable[[int], Sequence[int]] | None = None,
+    batch_sizes: Mapping[str, int] | None = None,
     worker_count: int | None = None,
 ) -> dict[str, LoaderIterator]:
     """One single-pass evaluation loader per dataset (each dataset's `eval_split`, no augmentation)."""
@@ -408,9 +402,8 @@ def make_eval_mixture(
         tokenizer=tokenizer,
         image_size=image_size,
         seed=seed,
-        process_index=process_index,
-        process_count=process_count,
-        per_host_batch_sizes=per_host_batch_sizes,
+        rows_for=rows_for,
+        batch_sizes=batch_sizes,
         train=False,
         num_epochs=1,
         worker_count=worker_count,

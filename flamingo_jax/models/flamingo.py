@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flamingo_jax import sharding
 from flamingo_jax.models import layers as layers_lib
 from flamingo_jax.models import lm as lm_lib
 from flamingo_jax.models import nfnet, resampler, stacking, vit, xattn
@@ -302,8 +303,12 @@ class Flamingo(nnx.Module):
         x = media.astype(jnp.float32)
         if media.dtype == jnp.uint8:
             x = x / 255.0
+        # The frames spread over every mesh axis (`vision_batch`), not only the batch's: the encoder's weights are
+        # replicated, so `tensor` ranks would otherwise encode the same frames. The resampler's inputs go back to
+        # `batch` sharding (one all-gather of the features over `tensor`).
+        x = sharding.constrain(x.reshape(b * n * t, h, w, c), ("vision_batch", None, None, None))
         x = (x - jnp.asarray(self.cfg.vision.mean)) / jnp.asarray(self.cfg.vision.std)
-        feats = self.vision.features(x.reshape(b * n * t, h, w, c).astype(dtype))
+        feats = self.vision.features(x.astype(dtype))
         if not self.vision_trains:
             feats = jax.lax.stop_gradient(feats)  # frozen: no backward pass through the encoder at all
         # NFNet gives a spatial grid [*, h, w, c], a ViT a token sequence [*, s, c]: both become s = h * w tokens.

@@ -35,7 +35,7 @@ NFNET_VARIANTS: dict[str, dict[str, Any]] = {
 DEFAULT_STRIDES = (1, 2, 2, 2)
 BOTTLENECK_RATIO = 0.5  # of the block's output width ("big_width" in the reference)
 WS_EPS = 1e-4
-_FEATURE_AXES = ("batch", "height", "width", "channels")
+_FEATURE_AXES = ("vision_batch", "height", "width", "channels")
 
 
 def _variance_scaling_normal() -> layers.Initializer:

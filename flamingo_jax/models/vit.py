@@ -26,7 +26,7 @@ from flamingo_jax.models import attention, layers, stacking
 
 Array = jax.Array
 
-_TOKEN_AXES = ("batch", "length", "vision_embed")
+_TOKEN_AXES = ("vision_batch", "length", "vision_embed")
 
 
 def quick_gelu(x: Array) -> Array:
@@ -103,11 +103,11 @@ class ViTBlock(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         y = self.attn_norm(x)
-        q = sharding.constrain(self.q(y), ("batch", "length", "heads", "head_dim"))
+        q = sharding.constrain(self.q(y), ("vision_batch", "length", "heads", "head_dim"))
         a = attention.dot_product_attention(q, self.k(y), self.v(y), implementation=self.attention_impl)
         x = x + self.o(a)
         h = self.act(self.fc1(self.mlp_norm(x)))
-        h = sharding.constrain(h, ("batch", "length", "mlp"))
+        h = sharding.constrain(h, ("vision_batch", "length", "mlp"))
         return sharding.constrain(x + self.fc2(h), _TOKEN_AXES)
 
 

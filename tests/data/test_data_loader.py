@@ -39,8 +39,6 @@ def _loader(data, name, **kwargs):
         batch_size=2,
         image_size=SIZE,
         seed=0,
-        process_index=0,
-        process_count=1,
         train=True,
     )
     return loader.make_loader(cfg.datasets[name], **(args | kwargs))
@@ -96,8 +94,6 @@ def test_interleaved_caps_media(data):
         batch_size=4,
         image_size=SIZE,
         seed=3,
-        process_index=0,
-        process_count=1,
         train=True,
     )
     seen = 0
@@ -137,11 +133,10 @@ def test_two_hosts_read_disjoint_shards_covering_the_split(data, train):
                 data,
                 "ltip",
                 split="eval",
-                batch_size=1,
+                batch_size=2,  # global: host i reads row i of each
                 train=train,
                 num_epochs=1,
-                process_index=i,
-                process_count=2,
+                rows=[i],
             )
         )
         for i in range(2)
@@ -149,10 +144,7 @@ def test_two_hosts_read_disjoint_shards_covering_the_split(data, train):
     assert set(hosts[0]).isdisjoint(hosts[1])
     assert sorted(hosts[0] + hosts[1]) == sorted(full)
     # An odd split (17 records): each host reads floor(17 / 2) so that all hosts run equally many steps.
-    odd = [
-        _fingerprints(_loader(data, "ltip", batch_size=1, train=False, process_index=i, process_count=2))
-        for i in range(2)
-    ]
+    odd = [_fingerprints(_loader(data, "ltip", batch_size=2, train=False, rows=[i])) for i in range(2)]
     assert len(odd[0]) == len(odd[1]) == 8 and set(odd[0]).isdisjoint(odd[1])
 
 
@@ -190,8 +182,6 @@ def test_state_restored_in_fresh_process_continues_exactly(data, tmp_path, name,
         batch_size=3,
         image_size=SIZE,
         seed=7,
-        process_index=0,
-        process_count=1,
         train=True,
         worker_count=workers,
     )
@@ -220,18 +210,19 @@ def test_state_restored_in_fresh_process_continues_exactly(data, tmp_path, name,
 
 def test_mixture_and_state_helpers(data):
     cfg, tok, _ = data
-    kw = dict(tokenizer=tok, image_size=SIZE, seed=1, process_index=0, process_count=2)
-    sizes = {"m3w": 2, "ltip": 3, "align": 3, "vtp": 1}
-    mix = loader.make_mixture(cfg, per_host_batch_sizes=sizes, **kw)
+    # This host reads the even rows of every global batch (its devices' rows on some mesh).
+    kw = dict(tokenizer=tok, image_size=SIZE, seed=1, rows_for=lambda b: range(0, b, 2))
+    sizes = {"m3w": 4, "ltip": 6, "align": 6, "vtp": 2}  # global
+    mix = loader.make_mixture(cfg, batch_sizes=sizes, **kw)
     assert sorted(mix) == sorted(synthetic.NAMES)
     for name, it in mix.items():
-        _check_batch(next(it), cfg.datasets[name], tok, sizes[name])
+        _check_batch(next(it), cfg.datasets[name], tok, sizes[name] // 2)
     states = json.loads(json.dumps(loader.get_state(mix)))
     expected = {name: _fingerprints([next(it)]) for name, it in mix.items()}
-    mix2 = loader.make_mixture(cfg, per_host_batch_sizes=sizes, **kw)
+    mix2 = loader.make_mixture(cfg, batch_sizes=sizes, **kw)
     loader.set_state(mix2, states)
     assert {name: _fingerprints([next(it)]) for name, it in mix2.items()} == expected
-    # Without explicit sizes: global batch_size // process_count.
+    # Without explicit sizes: each dataset's global batch_size, of which this host reads half.
     mix3 = loader.make_mixture(cfg, **kw)
     assert next(mix3["ltip"])["tokens"].shape[0] == cfg.datasets.ltip.batch_size // 2
     with pytest.raises(KeyError):
@@ -245,9 +236,7 @@ def test_eval_mixture_is_one_pass(data):
         tokenizer=tok,
         image_size=SIZE,
         seed=0,
-        process_index=0,
-        process_count=1,
-        per_host_batch_sizes={"m3w": 1, "ltip": 3, "align": 3, "vtp": 2},
+        batch_sizes={"m3w": 1, "ltip": 3, "align": 3, "vtp": 2},
     )
     counts = {name: len(list(it)) for name, it in mix.items()}
     n = synthetic.counts(NUM_EVAL)
@@ -268,8 +257,6 @@ def test_link_next_rate(data):
         batch_size=8,
         image_size=SIZE,
         seed=0,
-        process_index=0,
-        process_count=1,
         train=True,
     )
     assert not next(it)["link_next"].any()
@@ -309,8 +296,6 @@ def test_missing_data_dir_and_split_name_the_path(data, tmp_path):
             batch_size=1,
             image_size=SIZE,
             seed=0,
-            process_index=0,
-            process_count=1,
             train=True,
         )
 
@@ -329,8 +314,6 @@ def test_prefetch_thread_gives_the_same_batches_and_states(data):
             batch_size=2,
             image_size=SIZE,
             seed=0,
-            process_index=0,
-            process_count=1,
             train=True,
         )
     for _ in range(3):
@@ -349,6 +332,6 @@ def test_video_eval_frames(data):
     cfg, tok, _ = data
     ds = cfg.datasets.vtp.copy_and_resolve_references()
     ds.eval_frames = 12
-    kw = dict(tokenizer=tok, batch_size=2, image_size=SIZE, seed=0, process_index=0, process_count=1)
+    kw = dict(tokenizer=tok, batch_size=2, image_size=SIZE, seed=0)
     assert next(loader.make_loader(ds, split="eval", train=False, **kw))["media"].shape[2] == 12
     assert next(loader.make_loader(ds, split="train", train=True, **kw))["media"].shape[2] == 8

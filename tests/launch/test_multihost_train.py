@@ -1,12 +1,17 @@
 """The trainer as a multi-process job (launch/local.py): 2 processes x 4 CPU devices give the per-step losses of
 1 process x 8 devices, log their topology, write metrics once, resume on a different process count, and a
-killed process ends the job instead of hanging it.
+killed process ends the job instead of hanging it. 4 processes x 2 devices on a mesh whose `fsdp` and `tensor`
+axes span processes (each process loads the rows its devices hold, flamingo_jax.data.host_rows) give the same
+losses, and their checkpoint resumes on another mesh.
 
 Each run is a real `python -m flamingo_jax.train` on the tiny demo config (tests/launch/tiny_config.py) with one
 of its four datasets: compile time grows with each dataset's forward and backward pass, and the multi-host code
 paths are the same for one (tests/launch/test_global_batches.py covers the record order for any host count). The
 runs share a persistent compilation cache, so a run that repeats an earlier program (the 1-process resume) skips
-most of its compile.
+most of its compile. The 4-process runs do without it: only process 0 writes the cache and, on CPUs, a
+multi-process program's cache key differs between processes, so process 0 alone would find a program that an
+earlier multi-process run compiled, and run ahead of the others past the 30 s within which all must meet at their
+first collective (a gloo context initialization timeout).
 """
 
 import json
@@ -39,8 +44,8 @@ def cache_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("jax_cache"))
 
 
-def launch(processes: int, devices: int, workdir, data_root: str, cache_dir: str, *extra: str) -> str:
-    """Runs launch/local.py to completion; returns its (prefixed) output."""
+def launch(processes: int, devices: int, workdir, data_root: str, cache_dir: str | None, *extra: str) -> str:
+    """Runs launch/local.py to completion; returns its (prefixed) output. No cache_dir: no compilation cache."""
     cmd = [
         sys.executable,
         str(helpers.REPO / "launch" / "local.py"),
@@ -53,8 +58,9 @@ def launch(processes: int, devices: int, workdir, data_root: str, cache_dir: str
         "--distributed_heartbeat_timeout=30",
         *extra,
     ]
-    env = helpers.env(1, JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-    r = subprocess.run(cmd, cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=400)
+    cache = dict(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+    env = helpers.env(1, **(cache if cache_dir else {}))
+    r = subprocess.run(cmd, cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     return r.stdout
 
@@ -115,6 +121,34 @@ def test_checkpoint_of_two_processes_resumes_on_one(one_by_eight, two_by_four, d
     assert "resumed from" in out and "(step 2)" in out, out[-4000:]
     want = losses(one_by_eight[0])
     assert_close(losses(workdir), want)
+
+
+@pytest.fixture(scope="module")
+def four_by_two(tmp_path_factory, data_root):
+    """4 processes x 2 devices on mesh (1, 2, 4): `fsdp` and `tensor` both span processes, so processes 0 and 1
+    (one `tensor` group) load the same rows, 0-3 of each global batch, and 2 and 3 load rows 4-7."""
+    workdir = tmp_path_factory.mktemp("four_by_two")
+    out = launch(4, 2, workdir, data_root, None, "--config.mesh=(1,2,4)", "--config.checkpoint.every_steps=2")
+    return workdir, out
+
+
+def test_four_processes_with_fsdp_and_tensor_across_them_train_like_one(one_by_eight, four_by_two):
+    assert_close(losses(four_by_two[0]), losses(one_by_eight[0]))
+    out = four_by_two[1]
+    assert "'fsdp' size 2 spans 2 process(es)" in out and "'tensor' size 4 spans 2 process(es)" in out
+
+
+def test_their_checkpoint_resumes_on_another_mesh(one_by_eight, four_by_two, data_root, cache_dir, tmp_path):
+    """The (1, 2, 4) run's step-2 checkpoint resumed by 1 x 8 on (8, 1, 1) (the program of `one_by_eight`, from
+    the compilation cache): the data iterators move from 4 rows of each global batch to all 8, and steps 3 and 4
+    give the losses of the uninterrupted run. tests/launch/test_global_batches.py moves a state between meshes on
+    the same processes."""
+    workdir = tmp_path / "resumed"
+    shutil.copytree(four_by_two[0], workdir)
+    shutil.rmtree(workdir / "checkpoints" / str(STEPS))
+    out = launch(1, 8, workdir, data_root, cache_dir, "--config.checkpoint.every_steps=2")
+    assert "resumed from" in out and "(step 2)" in out, out[-4000:]
+    assert_close(losses(workdir), losses(one_by_eight[0]))
 
 
 def test_killed_trainer_process_ends_the_job(data_root, tmp_path):

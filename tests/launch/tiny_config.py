@@ -18,9 +18,9 @@ def get_config(arg: str):
         c.data.datasets = {k: v for k, v in c.data.datasets.items() if k in keep}
     c.data.synthetic.update(num_train=64, num_eval=16, image_size=32)
     c.model.vision.update(widths=(16, 16, 32, 32), stem_widths=(4, 8, 8), group_size=8, image_size=32)
-    c.model.resampler.update(num_layers=1, num_latents=4, num_heads=2, head_dim=8)
-    c.model.xattn.update(every=2, num_heads=2, head_dim=8, ffw_mult=2)
-    c.model.lm = dict(c.model.lm, num_layers=2, dim=32, num_heads=2, head_dim=16, mlp_dim=64, max_len=64)
+    c.model.resampler.update(num_layers=1, num_latents=4, num_heads=4, head_dim=8)
+    c.model.xattn.update(every=2, num_heads=4, head_dim=8, ffw_mult=2)
+    c.model.lm = dict(c.model.lm, num_layers=2, dim=32, num_heads=4, head_dim=8, mlp_dim=64, max_len=64)
     for ds in c.data.datasets.values():
         ds.batch_size = 8
         ds.seq_len = min(ds.seq_len, 32)

@@ -119,10 +119,11 @@ def test_gradients_finite_and_zero_for_tokens_before_any_image():
     y = jax.random.normal(jax.random.key(1), (1, 6, 16))
     visual = jax.random.normal(jax.random.key(2), (1, 1, 4, 12))
 
-    def attn_out(y, visual):  # the cross-attention contribution alone
-        return jnp.sum((blk(y, visual, idx) - y)[:, :3] ** 2) + 0.0 * jnp.sum(visual)
-
     blk.ffw_gate[...] = jnp.zeros(())
+
+    def attn_out(y, visual):  # the cross-attention contribution alone, on the tokens before the image
+        return jnp.sum((blk(y, visual, idx) - y)[:, :3] ** 2)
+
     gy, gv = jax.grad(attn_out, argnums=(0, 1))(y, visual)
     assert np.isfinite(np.asarray(gy)).all() and np.isfinite(np.asarray(gv)).all()
     np.testing.assert_array_equal(np.asarray(gv), 0.0)  # tokens 0-2 see no image: no gradient reaches it
