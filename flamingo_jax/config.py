@@ -184,5 +184,8 @@ def validate_mesh(config: ml_collections.ConfigDict, mcfg: FlamingoConfig, mesh_
     need("config.model.xattn.ffw_mult * model.lm.dim", xa.ffw_mult * lm.dim, "mlp")
     need("config.model.resampler.num_heads", rs.num_heads, "heads")
     need("config.model.resampler.ffw_mult * vision width", rs.ffw_mult * mcfg.vision.feature_dim(), "mlp")
+    if mcfg.vision.kind == "clip_vit":
+        need("config.model.vision.num_heads", mcfg.vision.num_heads, "heads")
+        need("config.model.vision.mlp_dim", mcfg.vision.mlp_dim, "mlp")
     if problems:
         raise ValueError(f"config.mesh ({mesh_desc}) does not fit the config:\n  " + "\n  ".join(problems))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -59,8 +60,8 @@ Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 CONFIG_FIELDS = {
     "batch": "config.data.datasets.<name>.batch_size (and micro_batches)",
     "embed": "config.model.lm.dim",
-    "mlp": "config.model.lm.mlp_dim / config.model.xattn.ffw_mult / config.model.resampler.ffw_mult",
-    "heads": "config.model.lm.num_heads / config.model.xattn.num_heads / config.model.resampler.num_heads",
+    "mlp": "config.model.lm.mlp_dim / xattn.ffw_mult / resampler.ffw_mult / vision.mlp_dim",
+    "heads": "config.model.lm.num_heads / xattn.num_heads / resampler.num_heads / vision.num_heads",
     "kv_heads": "config.model.lm.num_kv_heads",
     "vocab": "config.model.lm.vocab_size",
 }
@@ -70,8 +71,12 @@ class ShardingError(ValueError):
     """A mesh, rule or parameter that cannot be sharded as configured."""
 
 
-def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A `('data', 'fsdp', 'tensor')` mesh; one entry of `shape` may be -1 to take the remaining devices."""
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None, *, physical: bool = True) -> Mesh:
+    """A `('data', 'fsdp', 'tensor')` mesh; one entry of `shape` may be -1 to take the remaining devices.
+
+    `physical=False` lays the devices out in their given order instead of along the physical interconnect: for
+    TPU devices that stand in for a GPU cluster, whose meshes need not follow a TPU torus.
+    """
     devices = list(devices if devices is not None else jax.devices())
     shape = [int(s) for s in shape]
     if len(shape) != len(MESH_AXES):
@@ -94,6 +99,8 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
         )
     # Auto axes: jax >= 0.9 defaults to Explicit, under which GSPMD-style with_sharding_constraint code changes
     # meaning. The device order from mesh_utils keeps `tensor` on the fastest interconnect.
+    if not physical:
+        return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
@@ -125,7 +132,7 @@ def logical_to_spec(
 
     A mesh axis already used by an earlier dimension is not reused. With `shape` and `mesh`, a dimension that the
     mesh axes do not divide is an error when `strict` (parameters). Otherwise (activations, such as a batch of one
-    while generating) it keeps the longest leading run of its mesh axes that divides it, down to none.
+    while generating) it keeps the largest subset of its mesh axes, in order, whose product divides it.
     """
     table = rule_table(rules)
     used: set[str] = set()
@@ -151,11 +158,21 @@ def logical_to_spec(
                         f"{what}: dim {i} ({name}) of shape {tuple(shape)} is not divisible by mesh axes "
                         f"{targets} of total size {size}" + (f"; set {hint} or config.mesh to agree" if hint else "")
                     )
-                while targets and shape[i] % math.prod(mesh.shape[ax] for ax in targets):
-                    targets = targets[:-1]
+                targets = _largest_dividing_subset(targets, shape[i], mesh)
         used.update(targets)
         spec.append(targets[0] if len(targets) == 1 else (targets or None))
     return PartitionSpec(*spec)
+
+
+def _largest_dividing_subset(axes: tuple[str, ...], size: int, mesh: Mesh) -> tuple[str, ...]:
+    """E.g. 768 video frames over (data 12, fsdp 8, tensor 16): (fsdp, tensor), 128 shards, not (data, fsdp)."""
+    best: tuple[str, ...] = ()
+    for n in range(len(axes), 0, -1):
+        for subset in itertools.combinations(axes, n):
+            shards = math.prod(mesh.shape[ax] for ax in subset)
+            if size % shards == 0 and shards > math.prod(mesh.shape[ax] for ax in best):
+                best = subset
+    return best
 
 
 # ---------------------------------------------------------------------------------------------------------------

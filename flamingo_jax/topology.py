@@ -39,14 +39,15 @@ TPU_KINDS = {
     "v6e": TpuKind(32, 2, 1, "default"),
 }
 GCLOUD_ALIASES = {"v4": "v4", "v5p": "v5p", "v5litepod": "v5e", "v5e": "v5e", "v6e": "v6e"}
-# GPU memory per device in GiB (vendor figures, decimal GB converted), and the TPU whose compiler stands in.
+# GPU memory per device in GiB, as the devices report it (what the product calls GB, less what the driver keeps).
+# JAX preallocates 75% of it unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise: set it to ~0.95 on real runs.
 GPU_MEMORY_GIB = {
-    "a100": 40e9 / GIB,
-    "a100-40gb": 40e9 / GIB,
-    "a100-80gb": 80e9 / GIB,
-    "h100": 80e9 / GIB,
-    "h100-80gb": 80e9 / GIB,
-    "h200": 141e9 / GIB,
+    "a100": 39.4,
+    "a100-40gb": 39.4,
+    "a100-80gb": 79.2,
+    "h100": 79.6,
+    "h100-80gb": 79.6,
+    "h200": 139.8,
 }
 GPU_PROXY = "v5p"
 
@@ -63,7 +64,10 @@ class Target:
     @property
     def label(self) -> str:
         if self.proxy_for:
-            return f"{self.proxy_for} (proxy: TPU {self.topology} compiler, {self.hbm_gib:.1f} GiB per GPU)"
+            return (
+                f"{self.proxy_for} (proxy: TPU {self.topology} compiler, {self.hbm_gib:.1f} GiB per GPU; JAX takes "
+                "75% of it unless XLA_PYTHON_CLIENT_MEM_FRACTION is raised)"
+            )
         return f"TPU {self.topology}" if self.topology else f"{self.chips} x {self.platform} ({self.name})"
 
     def devices(self) -> list[jax.Device]:

@@ -35,6 +35,14 @@ def test_a_mesh_that_divides_everything_passes():
         (lambda c: c.model.lm.update(dim=20, head_dim=10), mesh(1, 8, 1), r"model\.lm\.dim=20"),
         (lambda c: c.model.xattn.update(num_heads=3), mesh(2, 2, 2), r"model\.xattn\.num_heads=3"),
         (lambda c: c.model.resampler.update(num_heads=3), mesh(2, 2, 2), r"model\.resampler\.num_heads=3"),
+        (lambda c: c.model.lm.update(mlp_dim=33), mesh(2, 2, 2), r"model\.lm\.mlp_dim=33"),
+        (
+            lambda c: c.model.vision.update(
+                kind="clip_vit", image_size=28, patch_size=14, width=24, num_heads=3, num_layers=1, mlp_dim=48
+            ),
+            mesh(2, 2, 2),
+            r"model\.vision\.num_heads=3",
+        ),
     ],
 )
 def test_indivisible_sizes_name_their_field(edit, shape, field):

@@ -85,8 +85,8 @@ def test_sharded_step_compiles_without_involuntary_rematerialization(capfd):
 
 def test_frozen_vision_encoder_spreads_over_every_mesh_axis():
     """On a tensor-only mesh the batch is not split at all (`batch` is data x fsdp), yet the frozen encoder's
-    frames are: each device encodes 1/8 of them (XLA's per-device FLOPs), and the visual tokens equal the
-    single-device ones."""
+    frames are: each device does about 1/8 of the single-device encoder FLOPs (XLA's per-device count), and the
+    visual tokens equal the single-device ones."""
     import numpy as np
 
     from flamingo_jax import train
@@ -94,29 +94,31 @@ def test_frozen_vision_encoder_spreads_over_every_mesh_axis():
     from tests.configs import tiny_train_config
 
     c = tiny_train_config()
-    mcfg = train.validate(c)
-    model = flamingo.Flamingo(mcfg, rngs=nnx.Rngs(0))
+    model = flamingo.Flamingo(train.validate(c), rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     media = jax.random.randint(jax.random.key(1), (8, 2, 1, 32, 32, 3), 0, 256).astype(jnp.uint8)
+    encode = jax.jit(lambda s, m: nnx.merge(graphdef, s).encode_media(m))
 
-    def features(state, media):
-        m = nnx.merge(graphdef, state)
-        b, n, t, h, w, ch = media.shape
-        x = media.reshape(b * n * t, h, w, ch).astype(jnp.float32)
-        return m.vision.features(sharding.constrain(x, ("vision_batch", None, None, None)))
-
-    def flops(mesh_shape):
-        mesh = sharding.make_mesh(mesh_shape)
+    def run(mesh_shape, devices):
+        mesh = sharding.make_mesh(mesh_shape, devices)
         with sharding.use_mesh_rules(mesh, sharding.DEFAULT_RULES):
-            compiled = jax.jit(features).lower(state, media).compile()
+            compiled = encode.lower(state, media).compile()
+            tokens = encode(state, media)
         cost = compiled.cost_analysis()
-        return (cost[0] if isinstance(cost, list) else cost)["flops"]
+        return (cost[0] if isinstance(cost, list) else cost)["flops"], tokens
 
-    spread = flops((1, 1, 8))
-    data_parallel = flops((8, 1, 1))  # the frames split 8 ways by the ordinary batch rule
-    assert spread <= 1.1 * data_parallel, (spread, data_parallel)
+    single, want = run((1, 1, 1), jax.devices()[:1])
+    spread, got = run((1, 1, 8), jax.devices())
+    # The resampler (batch-sharded, so whole on every `tensor` rank here) is a small part of the encoder's cost.
+    assert spread < 0.3 * single, (spread, single)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
-    mesh = sharding.make_mesh((1, 1, 8))
-    with sharding.use_mesh_rules(mesh, sharding.DEFAULT_RULES):
-        tokens = jax.jit(lambda s, m: nnx.merge(graphdef, s).encode_media(m))(state, media)
-    np.testing.assert_allclose(np.asarray(tokens), np.asarray(model.encode_media(media)), rtol=1e-5, atol=1e-5)
+
+def test_activations_keep_the_largest_dividing_subset_of_their_mesh_axes():
+    mesh = sharding.make_mesh((2, 2, 2))
+    spec = lambda n: sharding.logical_to_spec(("vision_batch",), sharding.DEFAULT_RULES, shape=(n,), mesh=mesh,
+                                              strict=False)
+    assert spec(16) == P(("data", "fsdp", "tensor"))
+    assert spec(12) == P(("data", "fsdp"))
+    assert spec(6) == P("data")
+    assert spec(3) == P(None)

@@ -303,9 +303,9 @@ class Flamingo(nnx.Module):
         x = media.astype(jnp.float32)
         if media.dtype == jnp.uint8:
             x = x / 255.0
-        # The frames spread over every mesh axis (`vision_batch`), not only the batch's: the encoder's weights are
-        # replicated, so `tensor` ranks would otherwise encode the same frames. The resampler's inputs go back to
-        # `batch` sharding (one all-gather of the features over `tensor`).
+        # The frames spread over every mesh axis (`vision_batch`) that divides their number, not only the batch's:
+        # otherwise every `tensor` rank would encode the same frames. NFNet's weights are replicated; a ViT's are
+        # gathered over `tensor` layer by layer. The resampler's inputs go back to `batch` sharding.
         x = sharding.constrain(x.reshape(b * n * t, h, w, c), ("vision_batch", None, None, None))
         x = (x - jnp.asarray(self.cfg.vision.mean)) / jnp.asarray(self.cfg.vision.std)
         feats = self.vision.features(x.astype(dtype))

@@ -47,15 +47,18 @@ _MESH = flags.DEFINE_string("mesh", None, "Mesh (data,fsdp,tensor), e.g. 12,8,16
 _HBM = flags.DEFINE_float("hbm_gib", None, "Memory per chip in GiB; default: the target's.")
 _HEADROOM = flags.DEFINE_float("headroom", 0.1, "Fraction of HBM kept free: fits means total <= (1 - this) * HBM.")
 _SEARCH = flags.DEFINE_bool("search", True, "When the config does not fit, look for settings that do.")
-_MAX_COMPILES = flags.DEFINE_integer("max_compiles", 4, "Compiles the search may spend (each is minutes at scale).")
+_MAX_COMPILES = flags.DEFINE_integer(
+    "max_compiles", 4, "Compiles the search may spend after the config's own (each is minutes at scale)."
+)
 _EVAL = flags.DEFINE_bool("eval", True, "Also compile the eval step (once, for the setting reported).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of tables.")
 
-REMAT_COST = {"none": 0, "dots_no_batch": 1, "dots": 2, "full": 3}  # recomputation, cheapest first
+# Recomputation, cheapest first: `dots` keeps every matmul output, `dots_no_batch` not the batched (attention) ones.
+REMAT_COST = {"none": 0, "dots": 1, "dots_no_batch": 2, "full": 3}
 MICRO_FACTORS = (1, 2, 4, 8)
 # XLA:TPU's out-of-memory compile errors: "Used 45.0G of 30.75G hbm" (the total) or "temporaries 38.9G exceed".
-_OOM_TOTAL = re.compile(r"Used ([\d.]+)([GMK])i?B? of", re.I)
-_OOM_TEMP = re.compile(r"temporar\w* ([\d.]+)([GMK])i?B? exceed", re.I)
+_OOM_TOTAL = re.compile(r"Used ([\d.]+)([TGMK])i?B? of", re.I)
+_OOM_TEMP = re.compile(r"temporar\w* ([\d.]+)([TGMK])i?B? exceed", re.I)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -110,7 +113,11 @@ def resolve_mesh(spec: Sequence[int], chips: int) -> tuple[int, int, int]:
 
 
 def mesh_problem(
-    config: ml_collections.ConfigDict, mcfg: flamingo.FlamingoConfig, shape: tuple[int, int, int], devices: list
+    config: ml_collections.ConfigDict,
+    mcfg: flamingo.FlamingoConfig,
+    shape: tuple[int, int, int],
+    devices: list,
+    physical: bool = True,
 ) -> str | None:
     """Why this mesh cannot run the config on these devices, or None."""
     if math.prod(shape) != len(devices) or min(shape) < 1:
@@ -120,7 +127,7 @@ def mesh_problem(
     except ValueError as e:
         return str(e)
     try:
-        mesh = sharding.make_mesh(shape, devices)
+        mesh = sharding.make_mesh(shape, devices, physical=physical)
     except Exception as e:  # jax's physical-layout errors are plain ValueErrors/NotImplementedErrors
         return f"mesh {shape} does not map onto the topology: {e}"
     try:
@@ -131,7 +138,7 @@ def mesh_problem(
 
 
 def propose_meshes(
-    config: ml_collections.ConfigDict, mcfg: flamingo.FlamingoConfig, devices: list
+    config: ml_collections.ConfigDict, mcfg: flamingo.FlamingoConfig, devices: list, physical: bool = True
 ) -> list[tuple[int, int, int]]:
     """Every (data, fsdp, tensor) mesh that divides the model and the batches and maps onto the devices,
     cheapest in communication first (least tensor, then least fsdp)."""
@@ -139,7 +146,7 @@ def propose_meshes(
     for t in _divisors(n):
         for f in _divisors(n // t):
             shape = (n // t // f, f, t)
-            if mesh_problem(config, mcfg, shape, devices) is None:
+            if mesh_problem(config, mcfg, shape, devices, physical) is None:
                 out.append(shape)
     return sorted(out, key=lambda s: (s[2], s[1]))
 
@@ -155,7 +162,7 @@ def _bytes_per_chip(tree: Any) -> int:
 
 
 def _gib(x: float) -> float:
-    return round(x / topology.GIB, 3)
+    return round(x / topology.GIB, 6)
 
 
 def _memory(compiled: Any) -> dict[str, float]:
@@ -179,7 +186,7 @@ def _out_of_memory(error: Exception) -> dict[str, Any] | None:
     text = str(error)
     if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
         return None
-    unit = {"G": 2**30, "M": 2**20, "K": 2**10}
+    unit = {"T": 2**40, "G": 2**30, "M": 2**20, "K": 2**10}
     out: dict[str, Any] = {"message": text.strip().splitlines()[0][:300]}
     for key, pattern in (("total", _OOM_TOTAL), ("temp", _OOM_TEMP)):
         if m := pattern.search(text):
@@ -192,7 +199,7 @@ def compile_setting(
 ) -> dict[str, Any]:
     """Compile the train step (and optionally the eval step) of `config` on `devices`; the per-chip report."""
     mcfg = train.validate(config)
-    mesh = sharding.make_mesh(config.mesh, devices)
+    mesh = sharding.make_mesh(config.mesh, devices, physical=not target.proxy_for)
     config_lib.validate_mesh(config, mcfg, dict(mesh.shape))
     tr = train.build(config, mcfg, mesh)
     state, frozen = train.abstract_state(tr)
@@ -226,11 +233,14 @@ def compile_setting(
                     raise
                 args = report["params_gib"] + report["opt_state_gib"] + report["frozen_gib"] + report["batch_gib"]
                 temp = oom.get("temp", oom["total"] - args * topology.GIB if "total" in oom else math.nan)
+                total = None if math.isnan(temp) else round(args + _gib(temp), 3)
+                # A GPU proxy's TPU may hold less than the GPU (v5p 95 GiB, H200 140): its limit is not the GPU's.
+                proxy_fits = bool(target.proxy_for) and total is not None and total * topology.GIB <= budget
                 report.update(
-                    fits=False,
+                    fits=proxy_fits,
                     error=oom["message"],
                     temp_gib=None if math.isnan(temp) else _gib(temp),
-                    total_gib=None if math.isnan(temp) else round(args + _gib(temp), 3),
+                    total_gib=total,
                     compile_s=round(time.perf_counter() - t0, 1),
                 )
                 return report
@@ -283,7 +293,7 @@ def compile_eval(tr: train.Trainer, evaluate: Any, state: dict, frozen: Any, bud
 # The search: settings from the cheapest step up; those that a memory model fitted to the first compile says
 # cannot fit are skipped, so that the compiles (minutes each at scale) go to plausible settings.
 # Activation memory kept for the backward pass per remat policy, relative to none: rough, for skipping only.
-REMAT_ACTIVATIONS = {"none": 1.0, "dots_no_batch": 0.7, "dots": 0.6, "full": 0.25}
+REMAT_ACTIVATIONS = {"none": 1.0, "dots": 0.7, "dots_no_batch": 0.6, "full": 0.25}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,9 +307,13 @@ class Footprint:
 
 
 def footprint(
-    config: ml_collections.ConfigDict, mcfg: flamingo.FlamingoConfig, setting: Setting, devices: list
+    config: ml_collections.ConfigDict,
+    mcfg: flamingo.FlamingoConfig,
+    setting: Setting,
+    devices: list,
+    physical: bool = True,
 ) -> Footprint:
-    mesh = sharding.make_mesh(setting.mesh, devices)
+    mesh = sharding.make_mesh(setting.mesh, devices, physical=physical)
     rules = sharding.rules_from_config(config.sharding.rules)
     params = abstract_params(mcfg)
     flat_sh = dict(nnx.to_flat_state(sharding.state_shardings(params, mesh, rules)))
@@ -328,14 +342,15 @@ def predicted_total(ref: dict[str, Any], ref_fp: Footprint, ref_remat: str, fp: 
 
 
 def candidates(config: ml_collections.ConfigDict, meshes: Sequence[tuple[int, int, int]]) -> list[Setting]:
-    """Meshes x remat (the config's, then full) x micro-batches (x1, 2, 4, 8 where the batch shards divide
-    them), cheapest step first."""
+    """Meshes x remat policies (the config's and every one that recomputes more) x micro-batches (x1, 2, 4, 8
+    where the batch shards divide them), cheapest step first."""
     rules = sharding.rules_from_config(config.sharding.rules)
     base_micro = {n: int(ds.get("micro_batches", 1)) for n, ds in config.data.datasets.items()}
     out = []
     for shape in meshes:
         shards = sharding.axis_size(rules, dict(zip(sharding.MESH_AXES, shape)), "batch")
-        for remat in dict.fromkeys([str(config.model.remat), "full"]):
+        own = REMAT_COST.get(str(config.model.remat), 0)
+        for remat in [str(config.model.remat)] + [r for r, c in REMAT_COST.items() if c > own]:
             for factor in MICRO_FACTORS:
                 micro = {n: base_micro[n] * factor for n in base_micro}
                 if all(
@@ -359,8 +374,10 @@ def plan(
     devices = target.devices()
     mcfg = train.validate(config)
     mesh = resolve_mesh(config.mesh, len(devices))
-    proposals = propose_meshes(config, mcfg, devices)
-    result: dict[str, Any] = dict(
+    proposals = propose_meshes(config, mcfg, devices, physical=not target.proxy_for)
+    # Every key of the report exists, null where unknown (the config's own mesh is invalid, or XLA ran out of memory).
+    result: dict[str, Any] = dict.fromkeys(("total_gib", "temp_gib", "compile_s", "xla_flops", "model_flops"))
+    result |= dict(
         target=target.label,
         chips=len(devices),
         hbm_gib=round(target.hbm_gib, 2),
@@ -380,7 +397,7 @@ def plan(
         return r
 
     first = setting_of(config, mesh)
-    problem = mesh_problem(config, mcfg, mesh, devices)
+    problem = mesh_problem(config, mcfg, mesh, devices, physical=not target.proxy_for)
     if problem is None:
         report = attempt(first, eval_step)
     else:
@@ -389,21 +406,25 @@ def plan(
     result["suggestion"] = None
     if not report["fits"] and search:
         budget = (1 - headroom) * target.hbm_gib * topology.GIB
-        ref_fp = footprint(config, mcfg, first, devices) if problem is None else None
+        physical = not target.proxy_for
+        ref_fp = footprint(config, mcfg, first, devices, physical) if problem is None else None
         usable_ref = ref_fp is not None and report.get("temp_gib") is not None
-        skipped = 0
+        skipped, compiles = 0, 0
         result["search"] = "no candidate setting fits"
         for setting in candidates(config, proposals):
             if setting == first:
                 continue
-            if usable_ref:
-                fp = footprint(config, mcfg, setting, devices)
-                if predicted_total(report, ref_fp, first.remat, fp, setting.remat) > budget:
-                    skipped += 1
-                    continue
-            if len(tried) >= max_compiles:
-                result["search"] = f"stopped after {len(tried)} compiles (--max_compiles)"
+            fp = footprint(config, mcfg, setting, devices, physical)
+            # Skip only clear misfits: the weights alone, or a prediction 20% over (the model is rough).
+            if fp.weights + fp.grads > budget or (
+                usable_ref and predicted_total(report, ref_fp, first.remat, fp, setting.remat) > 1.2 * budget
+            ):
+                skipped += 1
+                continue
+            if compiles >= max_compiles:
+                result["search"] = f"stopped after {compiles} compiles (--max_compiles)"
                 break
+            compiles += 1
             r = attempt(setting, eval_step)
             if r["fits"]:
                 result["suggestion"] = setting.overrides()

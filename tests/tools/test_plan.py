@@ -26,6 +26,17 @@ def one_dataset_config(batch: int = 8):
     return c
 
 
+def apply_overrides(config, overrides: list[str]):
+    """`--config.a.b=value` strings (shell quoting removed, as a shell would) applied by ml_collections' parser."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_dict("config", config.copy_and_resolve_references(), flag_values=fv)
+    fv([sys.argv[0], *(o.replace("'", "") for o in overrides)])
+    return fv.config
+
+
 def target(hbm_gib: float | None = None) -> topology.Target:
     return topology.parse(TOPOLOGY, hbm_gib or (None if HAVE_TPU_COMPILER else 16.0))
 
@@ -58,7 +69,7 @@ def test_cli_reports_a_fit_as_json():
 
 
 def test_misfit_gets_a_suggestion_that_the_tool_confirms():
-    c = one_dataset_config(batch=64)
+    c = one_dataset_config(batch=512)  # activations, not code, dominate its memory
     measured = plan.plan(c, target(), search=False, eval_step=False)
     assert measured["fits"]
     # A chip with 30% less memory than the config needs, headroom included.
@@ -69,10 +80,9 @@ def test_misfit_gets_a_suggestion_that_the_tool_confirms():
     suggested = result["suggested"]
     assert suggested["fits"] and suggested["total_gib"] <= 0.9 * hbm
 
-    # Apply the printed overrides as a user would, and plan again.
-    confirmed = plan.Setting(
-        tuple(suggested["mesh"]), suggested["remat"], tuple(suggested["micro_batches"].items())
-    ).apply(c)
+    # Apply the printed overrides as a user would (through the config flags), and plan again.
+    confirmed = apply_overrides(c, result["suggestion"])
+    assert tuple(confirmed.mesh) == tuple(suggested["mesh"])
     again = plan.plan(confirmed, target(hbm), search=False, eval_step=False)
     assert again["fits"] and again["total_gib"] == pytest.approx(suggested["total_gib"])
     print("misfit", result["total_gib"], "GiB; suggestion", result["suggestion"], suggested["total_gib"], "GiB")
@@ -85,7 +95,8 @@ def test_meshes_must_divide_the_model_and_the_batch():
     meshes = plan.propose_meshes(c, mcfg, devices)
     assert meshes and all(m[0] * m[1] * m[2] == len(devices) for m in meshes)
     assert all(m[2] <= 2 for m in meshes)  # 2 heads: no 4-way tensor parallelism
-    assert plan.mesh_problem(c, mcfg, (1, 1, 4), devices) is not None
+    problem = plan.mesh_problem(c, mcfg, (len(devices) // 4, 1, 4), devices)
+    assert problem is not None and "config.model.lm.num_heads=2" in problem
 
 
 def test_out_of_memory_compile_errors_are_results():
