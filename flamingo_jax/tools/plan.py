@@ -27,7 +27,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -306,17 +306,18 @@ class Footprint:
     tensor: int
 
 
-def footprint(
+def weights_per_chip(
     config: ml_collections.ConfigDict,
     mcfg: flamingo.FlamingoConfig,
-    setting: Setting,
+    shape: tuple[int, int, int],
     devices: list,
     physical: bool = True,
-) -> Footprint:
-    mesh = sharding.make_mesh(setting.mesh, devices, physical=physical)
-    rules = sharding.rules_from_config(config.sharding.rules)
+) -> tuple[float, float]:
+    """(weights + Adam's moments, float32 gradients) in bytes per chip under mesh `shape`, from shardings."""
+    mesh = sharding.make_mesh(shape, devices, physical=physical)
     params = abstract_params(mcfg)
-    flat_sh = dict(nnx.to_flat_state(sharding.state_shardings(params, mesh, rules)))
+    shardings = sharding.state_shardings(params, mesh, sharding.rules_from_config(config.sharding.rules))
+    flat_sh = dict(nnx.to_flat_state(shardings))
     is_trainable = flamingo.trainable_filter(mcfg.trainable)
     weights = grads = 0.0
     for path, var in nnx.to_flat_state(params):
@@ -326,10 +327,21 @@ def footprint(
             grads += n * 4
         else:
             weights += n * np.dtype(mcfg.frozen_param_dtype).itemsize
-    shards = sharding.axis_size(rules, dict(mesh.shape), "batch")
+    return weights, grads
+
+
+def footprint(
+    config: ml_collections.ConfigDict,
+    setting: Setting,
+    weights: Callable[[tuple[int, int, int]], tuple[float, float]],
+) -> Footprint:
+    """`weights`: mesh shape -> `weights_per_chip` (memoised by the caller: it depends on the mesh alone)."""
+    w, g = weights(setting.mesh)
+    rules = sharding.rules_from_config(config.sharding.rules)
+    shards = sharding.axis_size(rules, dict(zip(sharding.MESH_AXES, setting.mesh)), "batch")
     micro = dict(setting.micro)
     rows = sum(ds.batch_size / micro.get(n, 1) / shards for n, ds in config.data.datasets.items())
-    return Footprint(weights, grads, rows, setting.mesh[2])
+    return Footprint(w, g, rows, setting.mesh[2])
 
 
 def predicted_total(ref: dict[str, Any], ref_fp: Footprint, ref_remat: str, fp: Footprint, remat: str) -> float:
@@ -407,14 +419,17 @@ def plan(
     if not report["fits"] and search:
         budget = (1 - headroom) * target.hbm_gib * topology.GIB
         physical = not target.proxy_for
-        ref_fp = footprint(config, mcfg, first, devices, physical) if problem is None else None
+        weights = functools.lru_cache(maxsize=None)(
+            lambda shape: weights_per_chip(config, mcfg, shape, devices, physical)
+        )
+        ref_fp = footprint(config, first, weights) if problem is None else None
         usable_ref = ref_fp is not None and report.get("temp_gib") is not None
         skipped, compiles = 0, 0
         result["search"] = "no candidate setting fits"
         for setting in candidates(config, proposals):
             if setting == first:
                 continue
-            fp = footprint(config, mcfg, setting, devices, physical)
+            fp = footprint(config, setting, weights)
             # Skip only clear misfits: the weights alone, or a prediction 20% over (the model is rough).
             if fp.weights + fp.grads > budget or (
                 usable_ref and predicted_total(report, ref_fp, first.remat, fp, setting.remat) > 1.2 * budget
