@@ -7,7 +7,8 @@ text) is generated and built into ArrayRecord under `data.synthetic.root` on fir
 where (--config=configs/demo.py:/data/syn).
 
 Unlike the paper, everything trains (`model.trainable`): no pretrained LM or NFNet can be downloaded here, and a
-random NFNet (its residual branches start at zero) is a poor frozen feature extractor.
+random NFNet (its residual branches start at zero) is a poor frozen feature extractor. With no frozen tower, the
+trainer's refusal of random frozen towers does not apply (`model.allow_random_towers` stays False).
 """
 
 import os

@@ -6,6 +6,12 @@ of 1.35B trainable parameters, 16 GB in float32, does not fit replicated), data 
 Global batch 32 per dataset. `python -m flamingo_jax.tools.plan --config=configs/flamingo_3b.py
 --topology=v4-32` compiles it for that slice on any machine and prints its memory per chip (docs/benchmarks.md).
 
+The frozen towers must be pretrained (the trainer refuses random frozen towers at start): point
+`--config.model.lm_pretrained` at a Hugging Face LM directory (config.json + *.safetensors; its config decides the
+LM's architecture, replacing `model.lm` below, and its tokenizer goes in `--config.data.tokenizer`) and
+`--config.model.vision_pretrained` at the stage-1 NFNet (a file from `flamingo_jax.pretrained.nfnet_convert`).
+Compiling and planning need no weights.
+
     python -m flamingo_jax.tools.params --config=configs/flamingo_3b.py
 """
 

@@ -7,6 +7,12 @@ subsumes the paper's ZeRO-1), data parallel over 12; full rematerialisation per 
 the model (8192 / 16 / 8) and map onto the 8x12x16 torus: `python -m flamingo_jax.tools.plan
 --config=configs/flamingo_80b.py --topology=v4-3072` lists the meshes that do, and compiles the step for the pod
 (docs/benchmarks.md). Global batch 96 per dataset: one example per data x fsdp shard.
+
+The frozen towers must be pretrained (the trainer refuses random frozen towers at start): point
+`--config.model.lm_pretrained` at a Hugging Face LM directory (config.json + *.safetensors; its config decides the
+LM's architecture, replacing `model.lm` below, and its tokenizer goes in `--config.data.tokenizer`) and
+`--config.model.vision_pretrained` at the stage-1 NFNet (a file from `flamingo_jax.pretrained.nfnet_convert`).
+Compiling and planning need no weights.
 """
 
 from flamingo_jax.config import base_config, chinchilla_lm

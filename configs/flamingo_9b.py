@@ -5,6 +5,12 @@ Target: a TPU v4-64 slice (32 chips, topology v4:2x4x4), mesh (2, 16, 1): FSDP o
 frozen weights and the optimiser state of 2B trainable ones (replicated, they alone would need 49 GB per chip),
 data parallel over the other 2. Global batch 32 per dataset. Checked with `python -m flamingo_jax.tools.plan
 --config=configs/flamingo_9b.py --topology=v4-64` (docs/benchmarks.md).
+
+The frozen towers must be pretrained (the trainer refuses random frozen towers at start): point
+`--config.model.lm_pretrained` at a Hugging Face LM directory (config.json + *.safetensors; its config decides the
+LM's architecture, replacing `model.lm` below, and its tokenizer goes in `--config.data.tokenizer`) and
+`--config.model.vision_pretrained` at the stage-1 NFNet (a file from `flamingo_jax.pretrained.nfnet_convert`).
+Compiling and planning need no weights.
 """
 
 from flamingo_jax.config import base_config, chinchilla_lm

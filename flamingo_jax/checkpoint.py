@@ -516,10 +516,8 @@ def init_from(path: str, state: dict, frozen: PyTree) -> tuple[dict, PyTree]:
                 "init_from: step %d of %s is unusable (%s: %s); trying the previous", step, path, type(e).__name__, e
             )
             continue
-        params, _ = towers.replace_leaves(
-            state["params"], _keys({cur_p[p]: v for p, v in values.items() if p in cur_p})
-        )
-        frozen, _ = towers.replace_leaves(frozen, _keys({cur_f[p]: v for p, v in values.items() if p in cur_f}))
+        params, _ = towers.replace_leaves(state["params"], {p: v for p, v in values.items() if p in cur_p})
+        frozen, _ = towers.replace_leaves(frozen, {p: v for p, v in values.items() if p in cur_f})
         fresh = sorted(set(cur_p) - set(values))
         logging.info(
             "initialised %d trainable and %d frozen parameters from %s (step %d)",
@@ -539,11 +537,6 @@ def init_from(path: str, state: dict, frozen: PyTree) -> tuple[dict, PyTree]:
             )
         return dict(state, params=params), frozen
     raise AssertionError("unreachable")
-
-
-def _keys(values: Mapping[tuple, Any]) -> dict[tuple, Any]:
-    """Tree paths (KeyPath entries) -> plain key tuples, as towers.replace_leaves expects."""
-    return {tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in p): v for p, v in values.items()}
 
 
 @dataclasses.dataclass(frozen=True)

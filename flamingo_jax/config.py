@@ -14,6 +14,7 @@ import ml_collections
 from flamingo_jax import sharding
 from flamingo_jax.data.loader import default_dataset_config
 from flamingo_jax.models.flamingo import DEFAULT_TRAINABLE, FlamingoConfig
+from flamingo_jax.pretrained import towers
 
 # The paper's mixture: name -> (kind, lambda_m).
 PAPER_MIXTURE = {
@@ -53,8 +54,10 @@ def base_config() -> ml_collections.ConfigDict:
                 stem_widths=None,
                 group_size=128,
                 image_size=320,
-                mean=(0.485, 0.456, 0.406),
-                std=(0.229, 0.224, 0.225),
+                # None: the tower's own statistics and activation (its files', when vision_pretrained is set).
+                mean=None,
+                std=None,
+                activation=None,
             ),
             resampler=dict(num_layers=6, num_latents=64, num_heads=16, head_dim=128, ffw_mult=4, max_frames=8),
             xattn=dict(every=1, num_heads=16, head_dim=128, ffw_mult=4, gate_init=0.0),
@@ -66,6 +69,11 @@ def base_config() -> ml_collections.ConfigDict:
             frozen_param_dtype="bfloat16",
             remat="none",
             attention="xla",
+            # Frozen towers: an HF LM directory, and an NFNet file (nfnet_convert) or HF CLIP directory. Their
+            # files decide the towers' architecture and preprocessing (see flamingo_jax.pretrained.towers).
+            lm_pretrained="",
+            vision_pretrained="",
+            allow_random_towers=False,  # True: frozen towers may stay random (tests, toy runs)
         )
     )
     c.data = ml_collections.ConfigDict(
@@ -130,7 +138,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def model_config(config: ml_collections.ConfigDict) -> FlamingoConfig:
-    return FlamingoConfig.from_dict(config.model.to_dict())
+    """The typed model config, with the pretrained towers' settings read from their files."""
+    return FlamingoConfig.from_dict(towers.resolve(config.model.to_dict()))
 
 
 def validate(config: ml_collections.ConfigDict) -> FlamingoConfig:
@@ -176,7 +185,15 @@ def validate_mesh(config: ml_collections.ConfigDict, mcfg: FlamingoConfig, mesh_
             need(f"config.data.datasets.{name}.batch_size / micro_batches ({micro})", ds.batch_size // micro, "batch")
     lm, xa, rs = mcfg.lm, mcfg.xattn, mcfg.resampler
     need("config.model.lm.num_heads", lm.num_heads, "heads")
-    need("config.model.lm.num_kv_heads", lm.kv_heads, "kv_heads")
+    # Key/value heads that the tensor shards do not divide are replicated (sharding.REPLICATE_IF_INDIVISIBLE, as
+    # LLaMA-70B's 8 on 16 shards), which splits grouped-query attention cleanly only if the shards are a multiple
+    # of them: each shard's query heads then share one kv head.
+    kv_shards = sharding.axis_size(rules, mesh_shape, "kv_heads")
+    if lm.kv_heads % kv_shards and kv_shards % lm.kv_heads:
+        problems.append(
+            f"config.model.lm.num_kv_heads={lm.kv_heads} neither divides nor is divisible by {kv_shards}, the shards "
+            f"of `kv_heads` (mesh axes {sharding.rule_table(rules)['kv_heads']})"
+        )
     need("config.model.lm.dim", lm.dim, "embed")
     need("config.model.lm.mlp_dim", lm.mlp_dim, "mlp")
     need("config.model.lm.vocab_size", lm.vocab_size, "vocab")

@@ -67,6 +67,13 @@ CONFIG_FIELDS = {
 }
 
 
+# Parameter axes that are replicated, instead of failing, when their mesh axes do not divide them. Only the
+# key/value heads of grouped-query attention: LLaMA-70B has 8, a tensor axis may have 16 shards. Every tensor
+# rank then holds the k/v projections whole (they are small: kv_heads/num_heads of q's) and computes them all;
+# its q heads stay split, each shard attending with the kv heads of its own query heads.
+REPLICATE_IF_INDIVISIBLE = frozenset({"kv_heads"})
+
+
 class ShardingError(ValueError):
     """A mesh, rule or parameter that cannot be sharded as configured."""
 
@@ -131,8 +138,9 @@ def logical_to_spec(
     """The PartitionSpec for logical `axes` under `rules`.
 
     A mesh axis already used by an earlier dimension is not reused. With `shape` and `mesh`, a dimension that the
-    mesh axes do not divide is an error when `strict` (parameters). Otherwise (activations, such as a batch of one
-    while generating) it keeps the largest subset of its mesh axes, in order, whose product divides it.
+    mesh axes do not divide is an error when `strict` (parameters), unless its logical axis is one of
+    REPLICATE_IF_INDIVISIBLE. Otherwise (activations, such as a batch of one while generating, or those axes) it
+    keeps the largest subset of its mesh axes, in order, whose product divides it.
     """
     table = rule_table(rules)
     used: set[str] = set()
@@ -152,7 +160,7 @@ def logical_to_spec(
         if shape is not None and mesh is not None and targets:
             size = math.prod(mesh.shape[ax] for ax in targets)
             if shape[i] % size:
-                if strict:
+                if strict and name not in REPLICATE_IF_INDIVISIBLE:
                     hint = CONFIG_FIELDS.get(name)
                     raise ShardingError(
                         f"{what}: dim {i} ({name}) of shape {tuple(shape)} is not divisible by mesh axes "

@@ -122,37 +122,60 @@ def optax_shardings(tx: Any, abstract_opt_state: Any, param_shardings: Any, defa
     )
 
 
+def _random_init(tr: Trainer, skip: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trainable, frozen) parameters initialised from `config.seed`, as flat {path: array}, without the subtrees
+    `skip` (pretrained towers, loaded instead). Inside `jit`, skipped weights are never computed at all."""
+    model = flamingo.Flamingo(tr.mcfg, rngs=nnx.Rngs(tr.config.seed))
+    _, params, frozen = train_step.split_model(model)
+    frozen = _cast_frozen(frozen, tr.mcfg.frozen_param_dtype)
+    keep = lambda flat: {k: v for k, v in flat.items() if k.split("/")[0] not in skip}
+    return keep(checkpoint.flatten(params)), keep(checkpoint.flatten(frozen))
+
+
 def init_state(tr: Trainer) -> tuple[dict, Any]:
-    """(train state, frozen params), each array born on its shards: nothing is materialised whole."""
+    """(train state, frozen params), each array born on its shards: nothing is materialised whole.
 
-    def init() -> tuple[dict, Any]:
-        model = flamingo.Flamingo(tr.mcfg, rngs=nnx.Rngs(tr.config.seed))
-        _, params, frozen = train_step.split_model(model)
-        return train_step.init_state(params, tr.tx), _cast_frozen(frozen, tr.mcfg.frozen_param_dtype)
-
+    Pretrained towers are read straight into their shards in their final dtype (`towers.load_towers`); the
+    random initialisation skips them, so no tower exists twice, on the host or on the devices.
+    """
+    skip = towers.pretrained_towers(tr.mcfg)
+    param_sh, frozen_sh = checkpoint.flatten(tr.state_shardings["params"]), checkpoint.flatten(tr.frozen_shardings)
+    keep = lambda flat: {k: v for k, v in flat.items() if k.split("/")[0] not in skip}
     with sharding.use_mesh_rules(tr.mesh, tr.rules):
-        state, frozen = jax.jit(init, out_shardings=(tr.state_shardings, tr.frozen_shardings))()
+        params, frozen = jax.jit(lambda: _random_init(tr, skip), out_shardings=(keep(param_sh), keep(frozen_sh)))()
     pretrained = towers.load_towers(tr.mcfg, tr.mesh, tr.rules)
+    params.update({k: v for k, v in pretrained.items() if k in param_sh})
+    frozen.update({k: v for k, v in pretrained.items() if k in frozen_sh})
+    missing = sorted((set(param_sh) | set(frozen_sh)) - set(params) - set(frozen))
+    extra = sorted(set(pretrained) - set(param_sh) - set(frozen_sh))
+    if missing or extra:
+        raise ValueError(
+            f"pretrained towers: parameters not loaded {missing[:5]}; tensors with no parameter {extra[:5]}"
+        )
     if pretrained:
-        params, used_p = towers.replace_leaves(state["params"], pretrained)
-        frozen, used_f = towers.replace_leaves(frozen, pretrained)
-        if set(pretrained) - used_p - used_f:
-            raise ValueError(f"pretrained tensors with no parameter: {sorted(set(pretrained) - used_p - used_f)}")
-        # The optimiser state was initialised for the random values; Adam's moments are zeros either way.
-        state = dict(state, params=params)
         logging.info(
             "loaded %d pretrained tensors (%d trainable, e.g. the added token rows)",
             len(pretrained),
-            len(used_p),
+            sum(k in param_sh for k in pretrained),
         )
-    return state, frozen
+    params = checkpoint.unflatten_like(params, tr.state_shardings["params"])
+    frozen = checkpoint.unflatten_like(frozen, tr.frozen_shardings)
+    # The trainable parameters move into the state (donated, not copied); the optimiser state is born sharded.
+    make = jax.jit(lambda p: train_step.init_state(p, tr.tx), out_shardings=tr.state_shardings, donate_argnums=0)
+    return make(params), frozen
 
 
 def abstract_state(tr: Trainer) -> tuple[dict, Any]:
     """(train state, frozen params) as sharded ShapeDtypeStructs: what `init_state` returns, with nothing
-    allocated; for compiling (`jit(...).lower(...)`) and memory planning."""
+    allocated or read; for compiling (`jit(...).lower(...)`) and memory planning."""
+
+    def init() -> tuple[dict, Any]:
+        params, frozen = _random_init(tr)
+        params = checkpoint.unflatten_like(params, tr.state_shardings["params"])
+        return train_step.init_state(params, tr.tx), checkpoint.unflatten_like(frozen, tr.frozen_shardings)
+
     with sharding.use_mesh_rules(tr.mesh, tr.rules):
-        state, frozen = jax.eval_shape(lambda: init_state(tr))
+        state, frozen = jax.eval_shape(init)
 
     def with_shardings(tree: Any, shardings: Any) -> Any:
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
@@ -160,9 +183,17 @@ def abstract_state(tr: Trainer) -> tuple[dict, Any]:
     return with_shardings(state, tr.state_shardings), with_shardings(frozen, tr.frozen_shardings)
 
 
+def check_towers(tr: Trainer) -> None:
+    """At start, before any compute: no frozen tower may stay random (unless the config allows it)."""
+    frozen = [flamingo.path_str(p) for p, _ in nnx.to_flat_state(tr.parts.frozen)]
+    towers.check_random_towers(tr.mcfg, frozen)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Input pipeline: one Grain iterator per dataset; host batches become global arrays sharded over `batch`.
-def make_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
+def make_tokenizer(config: ml_collections.ConfigDict, mcfg: flamingo.FlamingoConfig) -> Tokenizer:
+    """The tokenizer, with Flamingo's added tokens placed after the LM's embedding rows, checked against the
+    model: one source of truth for `<image>`, `<|endofchunk|>`, pad, BOS and EOS."""
     syn = config.data.synthetic
     if syn.enabled:
         synthetic.prepare_synthetic(
@@ -173,12 +204,16 @@ def make_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
             image_size=syn.image_size,
             vocab_size=syn.vocab_size,
         )
-    tok = Tokenizer.from_path(config.data.tokenizer)
-    if tok.base_vocab_size != config.model.lm.vocab_size:
-        raise ValueError(
-            f"config.model.lm.vocab_size={config.model.lm.vocab_size} but the tokenizer "
-            f"{config.data.tokenizer} has {tok.base_vocab_size} tokens"
-        )
+    tok = Tokenizer.from_path(config.data.tokenizer, model_vocab_size=mcfg.lm.vocab_size)
+    towers.check_tokenizer(tok, mcfg)
+    for name, ds in config.data.datasets.items():
+        if ds.get("add_bos") is False and tok.adds_bos:
+            logging.warning(
+                "config.data.datasets.%s.add_bos=False, but the tokenizer %s prepends BOS (the LM was trained with "
+                "it); None follows the tokenizer",
+                name,
+                config.data.tokenizer,
+            )
     return tok
 
 
@@ -234,7 +269,7 @@ def compile_steps(tr: Trainer) -> tuple[dict[str, Any], Any]:
     cfg = tr.config
     weights = {m: float(cfg.data.datasets[m].weight) for m in tr.names}
     micro = {m: int(cfg.data.datasets[m].get("micro_batches", 1)) for m in tr.names}
-    step = train_step.make_train_step(tr.parts, tr.tx, tr.lr, weights, micro, cfg.train.strategy)
+    step = train_step.make_train_step(tr.parts, tr.tx, tr.lr, weights, micro, cfg.train.strategy, seed=cfg.seed)
     jitted = jax.jit(
         step,
         in_shardings=(tr.state_shardings, tr.frozen_shardings, None),
@@ -251,6 +286,12 @@ def compile_steps(tr: Trainer) -> tuple[dict[str, Any], Any]:
 
 def step_flops(tr: Trainer, batch_shapes: Mapping[str, Mapping[str, tuple]]) -> float:
     """Model FLOPs of one optimiser step over all datasets, frozen-aware (see flamingo_jax.flops)."""
+    return sum(dataset_flops(tr, batch_shapes).values())
+
+
+def dataset_flops(tr: Trainer, batch_shapes: Mapping[str, Mapping[str, tuple]]) -> dict[str, float]:
+    """Model FLOPs of one optimiser step's work on each dataset's batch, frozen-aware: a `round_robin` step
+    costs its one dataset's, the others' steps the sum."""
     p = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), tr.parts.trainable)
     f = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), tr.parts.frozen)
     p, f = nnx.to_pure_dict(p), nnx.to_pure_dict(f)
@@ -263,8 +304,8 @@ def step_flops(tr: Trainer, batch_shapes: Mapping[str, Mapping[str, tuple]]) -> 
         xla_cfg = dataclasses.replace(tr.mcfg, attention="xla")
         parts, _, _ = train_step.split_model(nnx.eval_shape(lambda: flamingo.Flamingo(xla_cfg, rngs=nnx.Rngs(0))))
     model = parts.merge
-    total = 0.0
-    for shapes in batch_shapes.values():
+    out = {}
+    for name, shapes in batch_shapes.items():
         media = jax.ShapeDtypeStruct(shapes["media"], jnp.uint8)
         ids = jax.ShapeDtypeStruct(shapes["tokens"], jnp.int32)
         b, n, t, h, w, _ = shapes["media"]
@@ -274,9 +315,50 @@ def step_flops(tr: Trainer, batch_shapes: Mapping[str, Mapping[str, tuple]]) -> 
         lm_only = flops.fn_flops(lambda p, f, i: model(p, f).lm(i)[0], p, f, ids)
         full = flops.fn_flops(lambda p, f, m, i: model(p, f)(m, i), p, f, media, ids)
         resampler, xattn = encode - vision, full - encode - lm_only
-        total += (3 if vision_trains else 1) * vision + 3 * (resampler + xattn)
-        total += (3 if lm_trains else 2) * lm_only
-    return total
+        total = (3 if vision_trains else 1) * vision + 3 * (resampler + xattn)
+        out[name] = total + (3 if lm_trains else 2) * lm_only
+    return out
+
+
+@dataclasses.dataclass
+class Throughput:
+    """The work of the steps in one logging window, counting for each step only the datasets it ran (one per
+    step under `round_robin`, all of them otherwise): MFU, tokens/s and examples/s over the window."""
+
+    flops: Mapping[str, float]  # one step's model FLOPs per dataset (`dataset_flops`)
+    tokens: Mapping[str, int]  # one step's token positions per dataset
+    examples: Mapping[str, int]
+    steps: int = 0
+    window_flops: float = 0.0
+    window_tokens: int = 0
+    window_examples: int = 0
+
+    @classmethod
+    def from_shapes(
+        cls, flops_per_dataset: Mapping[str, float], shapes: Mapping[str, Mapping[str, tuple]]
+    ) -> Throughput:
+        """From `dataset_flops` and the batch shapes it was computed for."""
+        tokens = {m: math.prod(s["tokens"]) for m, s in shapes.items()}
+        return cls(dict(flops_per_dataset), tokens, {m: s["tokens"][0] for m, s in shapes.items()})
+
+    def add(self, names: list[str]) -> None:
+        """One step, which ran the datasets `names`."""
+        self.steps += 1
+        self.window_flops += sum(self.flops[m] for m in names)
+        self.window_tokens += sum(self.tokens[m] for m in names)
+        self.window_examples += sum(self.examples[m] for m in names)
+
+    def metrics(self, elapsed: float, peak_flops: float) -> dict[str, float]:
+        """The window's rates over `elapsed` seconds; `peak_flops` is all devices' peak together."""
+        return {
+            "perf/step_time_s": elapsed / max(self.steps, 1),
+            "perf/tokens_per_s": self.window_tokens / elapsed,
+            "perf/examples_per_s": self.window_examples / elapsed,
+            "perf/mfu": self.window_flops / elapsed / peak_flops,
+        }
+
+    def reset(self) -> None:
+        self.steps, self.window_flops, self.window_tokens, self.window_examples = 0, 0.0, 0, 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -325,7 +407,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     is_main = jax.process_index() == 0
     distributed.log_topology(mesh)
     tr = build(config, mcfg, mesh)
-    tok = make_tokenizer(config)
+    check_towers(tr)
+    tok = make_tokenizer(config, mcfg)
     state, frozen = init_state(tr)
 
     iters = data_loader.make_mixture(
@@ -355,14 +438,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         m: {k: (int(config.data.datasets[m].batch_size), *v.shape[1:]) for k, v in b.items()}
         for m, b in _peek(iters).items()
     }
-    flops_per_step = step_flops(tr, shapes)
-    tokens_per_step = sum(math.prod(s["tokens"]) for s in shapes.values())
-    examples_per_step = sum(s["tokens"][0] for s in shapes.values())
-    logging.info("model FLOPs per step %.3e; peak %.3e FLOP/s per device (%s)", flops_per_step, peak, peak_src)
+    per_dataset = dataset_flops(tr, shapes)
+    window = Throughput.from_shapes(per_dataset, shapes)
+    logging.info(
+        "model FLOPs per step per dataset %s; peak %.3e FLOP/s per device (%s)",
+        ", ".join(f"{m}={v:.3e}" for m, v in per_dataset.items()),
+        peak,
+        peak_src,
+    )
 
     last_metrics: dict[str, Any] = {}
     pending = None
-    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+    window_start, data_wait = time.perf_counter(), 0.0
     with sharding.use_mesh_rules(mesh, tr.rules), ckpt:  # ckpt: SIGTERM handler; waits for saves on exit
         for step in range(start, t.steps):
             names = _schedule(tr.names, t.strategy, step)
@@ -378,31 +465,30 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     f"step {step}); stopping. Lower config.optimizer.lr or check the data."
                 )
             pending = metrics
-            window_steps += 1
+            window.add(names)
             done = step + 1
             if done % t.log_every == 0 or done == t.steps:
                 metrics = jax.device_get(metrics)
                 elapsed = time.perf_counter() - window_start
-                step_time = elapsed / window_steps
                 metrics.update(
                     {
-                        "perf/step_time_s": step_time,
-                        "perf/tokens_per_s": tokens_per_step / step_time,
-                        "perf/examples_per_s": examples_per_step / step_time,
-                        "perf/mfu": flops_per_step / step_time / (peak * jax.device_count()),
+                        **window.metrics(elapsed, peak * jax.device_count()),
                         "perf/data_wait_frac": data_wait / elapsed,
                         "data/skipped_examples": sum(it.skipped for it in iters.values()),
                     }
                 )
                 writer.write(done, metrics)
                 last_metrics = metrics
-                window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+                window.reset()
+                window_start, data_wait = time.perf_counter(), 0.0
             if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
+                jax.block_until_ready(state)  # the window's steps finish inside the window, not inside eval
+                t_eval = time.perf_counter()
                 ev = evaluate(tr, eval_step, state, frozen, tok)
                 writer.write(done, ev)
                 progress.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(ev.items())))
                 last_metrics.update(ev)
-                window_start = time.perf_counter()
+                window_start += time.perf_counter() - t_eval  # evaluation is not training time
             progress.update(done, last_metrics)
             # Every `every_steps`, at the end, and at the first step boundary after a preemption notice.
             preempted = ckpt.preempted(done)

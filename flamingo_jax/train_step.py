@@ -12,11 +12,16 @@ Three strategies (the paper's ablation, section 3.3 / table 3):
 
 Only trainable parameters are differentiated: the frozen towers enter as constants, so autodiff computes the
 activation gradients it needs through the frozen LM and no weight gradients at all.
+
+Randomness (an NFNet vision encoder's stochastic depth, used only when the encoder trains) comes from a key
+derived from the seed and `state["step"]`, then per dataset (by name) and per micro-batch (by index): it depends
+on nothing else, so a resumed run and a sharded one draw exactly what an uninterrupted single-device run draws.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -69,9 +74,10 @@ def token_nll(logits: Array, targets: Array, mask: Array) -> Array:
     return jnp.sum(nll * mask)
 
 
-def batch_nll(parts: ModelParts, params: PyTree, frozen: PyTree, batch: Batch) -> Array:
+def batch_nll(parts: ModelParts, params: PyTree, frozen: PyTree, batch: Batch, rng: Array | None = None) -> Array:
+    """Sum of token NLL; `rng` (training only) switches on the vision encoder's stochastic depth if it trains."""
     model = parts.merge(params, frozen)
-    logits = model(batch["media"], batch["tokens"], link_next=batch.get("link_next"))
+    logits = model(batch["media"], batch["tokens"], link_next=batch.get("link_next"), rng=rng)
     return token_nll(logits, batch["targets"], batch["loss_mask"])
 
 
@@ -99,19 +105,33 @@ def dataset_grad(
     micro_batches: int,
     weight: Array,
     denom: Array,
+    rng: Array | None = None,
 ) -> tuple[Array, PyTree]:
-    """(sum of token NLL, gradient of weight * NLL / denom) over one dataset's batch, micro-batches scanned."""
-    grad_fn = jax.value_and_grad(lambda p, b: weight * batch_nll(parts, p, frozen, b) / denom)
+    """(sum of token NLL, gradient of weight * NLL / denom) over one dataset's batch, micro-batches scanned.
+    Micro-batch j draws from `fold_in(rng, j)`."""
+    grad_fn = jax.value_and_grad(lambda p, b, k: weight * batch_nll(parts, p, frozen, b, k) / denom)
 
-    def micro(carry: tuple[Array, PyTree], mb: Batch) -> tuple[tuple[Array, PyTree], None]:
+    def micro(carry: tuple[Array, PyTree], xs: tuple[Batch, Array]) -> tuple[tuple[Array, PyTree], None]:
         total, grads = carry
-        value, g = grad_fn(params, mb)
+        mb, j = xs
+        value, g = grad_fn(params, mb, None if rng is None else jax.random.fold_in(rng, j))
         return (total + value, jax.tree.map(jnp.add, grads, g)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (total, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros), split_micro(batch, micro_batches))
+    xs = (split_micro(batch, micro_batches), jnp.arange(micro_batches, dtype=jnp.uint32))
+    (total, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros), xs)
     # `total` is weight * NLL / denom; return the raw NLL sum for reporting.
     return total * denom / weight, grads
+
+
+def step_key(seed: int, step: Array) -> Array:
+    """The training step's key: a function of the seed and the step number only."""
+    return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def dataset_key(key: Array, name: str) -> Array:
+    """A dataset's key within a step, by name: the same whichever datasets the step runs (`round_robin`)."""
+    return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
 def init_state(params: PyTree, tx: optax.GradientTransformation) -> dict[str, Any]:
@@ -132,9 +152,10 @@ def mixture_grads(
     weights: Mapping[str, float],
     micro_batches: Mapping[str, int],
     strategy: str = "accumulate",
+    rng: Array | None = None,
 ) -> tuple[PyTree, dict[str, Array]]:
     """The gradient of the mixture objective over `batches` (all datasets, or this step's one for
-    `round_robin`), and its loss metrics."""
+    `round_robin`), and its loss metrics. `rng`: the step's key (`step_key`), None for a deterministic pass."""
     if strategy not in STRATEGIES:
         raise ValueError(f"train.strategy: {strategy!r}; choose one of {STRATEGIES}")
     tokens = {m: jnp.sum(b["loss_mask"]) for m, b in batches.items()}
@@ -147,7 +168,8 @@ def mixture_grads(
     metrics: dict[str, Array] = {}
     objective = jnp.zeros((), jnp.float32)
     for m, batch in batches.items():  # static: one traced block per dataset
-        nll, g = dataset_grad(parts, params, frozen, batch, micro_batches[m], jnp.float32(weights[m]), denoms[m])
+        key = None if rng is None else dataset_key(rng, m)
+        nll, g = dataset_grad(parts, params, frozen, batch, micro_batches[m], jnp.float32(weights[m]), denoms[m], key)
         grads = jax.tree.map(jnp.add, grads, g)
         metrics[f"train/loss/{m}"] = nll / jnp.maximum(tokens[m], 1.0)
         objective = objective + weights[m] * nll / denoms[m]
@@ -183,6 +205,20 @@ def apply_update(
     }
 
 
+def update_count(state: dict) -> Array:
+    """How many updates the optimiser has applied: the schedule's count in its state (optax's
+    `scale_by_schedule`, as in `optim.make`; any other counter of the chain otherwise). A skipped update keeps the
+    old optimiser state, so this lags `state["step"]` by the skips; `step - skipped` if the chain counts nothing."""
+    opt_state = state["opt_state"]
+    count = optax.tree_utils.tree_get(
+        opt_state, "count", filtering=lambda path, _: getattr(path[-1], "tuple_name", None) == "ScaleByScheduleState"
+    )
+    if count is None:
+        counts = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+        count = counts[0][1] if counts else state["step"] - state["skipped"]
+    return count
+
+
 def make_train_step(
     parts: ModelParts,
     tx: optax.GradientTransformation,
@@ -190,15 +226,23 @@ def make_train_step(
     weights: Mapping[str, float],
     micro_batches: Mapping[str, int],
     strategy: str = "accumulate",
+    seed: int = 0,
 ) -> Callable[[dict, PyTree, Mapping[str, Batch]], tuple[dict, dict[str, Array]]]:
-    """`step(state, frozen, batches) -> (state, metrics)`."""
+    """`step(state, frozen, batches) -> (state, metrics)`.
+
+    `train/lr` is the learning rate of this step's update: the schedule at the optimiser's own count, which a
+    skipped update does not advance (`update_count`). On a skipped step it is the rate the discarded update would
+    have applied, and the next step applies it. `seed` and `state["step"]` give the step's key (`step_key`).
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"train.strategy: {strategy!r}; choose one of {STRATEGIES}")
 
     def step(state: dict, frozen: PyTree, batches: Mapping[str, Batch]) -> tuple[dict, dict[str, Array]]:
-        grads, metrics = mixture_grads(parts, state["params"], frozen, batches, weights, micro_batches, strategy)
+        rng = step_key(seed, state["step"])
+        grads, metrics = mixture_grads(parts, state["params"], frozen, batches, weights, micro_batches, strategy, rng)
+        lr = lr_schedule(update_count(state))
         new_state, update_metrics = apply_update(state, grads, metrics["train/loss"], tx)
-        return new_state, {**metrics, **update_metrics, "train/lr": lr_schedule(state["step"])}
+        return new_state, {**metrics, **update_metrics, "train/lr": lr}
 
     return step
 

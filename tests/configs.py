@@ -31,6 +31,7 @@ def tiny_train_config() -> ml_collections.ConfigDict:
         max_len=64,
     )
     c.model.dtype = c.model.frozen_param_dtype = "float32"
+    c.model.allow_random_towers = True  # the LM and NFNet are frozen and random: fine for mechanics
     for name, ds in c.data.datasets.items():
         ds.batch_size = 8
         ds.seq_len = 16 if name == "m3w" else 8

@@ -31,7 +31,8 @@ def test_a_mesh_that_divides_everything_passes():
             r"datasets\.m3w\.batch_size / micro_batches \(4\)=4",
         ),
         (lambda c: None, mesh(1, 2, 4), r"model\.lm\.num_heads=2 .*`heads`"),
-        (lambda c: c.model.lm.update(num_heads=4, num_kv_heads=2), mesh(1, 2, 4), r"model\.lm\.num_kv_heads=2"),
+        # 3 kv heads on 4 tensor shards: neither replicated cleanly (4 % 3) nor split (3 % 4).
+        (lambda c: c.model.lm.update(num_heads=12, num_kv_heads=3), mesh(1, 2, 4), r"model\.lm\.num_kv_heads=3"),
         (lambda c: c.model.lm.update(dim=20, head_dim=10), mesh(1, 8, 1), r"model\.lm\.dim=20"),
         (lambda c: c.model.xattn.update(num_heads=3), mesh(2, 2, 2), r"model\.xattn\.num_heads=3"),
         (lambda c: c.model.resampler.update(num_heads=3), mesh(2, 2, 2), r"model\.resampler\.num_heads=3"),
@@ -50,6 +51,24 @@ def test_indivisible_sizes_name_their_field(edit, shape, field):
     edit(c)
     with pytest.raises(ValueError, match=field):
         check(c, shape)
+
+
+def test_fewer_kv_heads_than_tensor_shards_pass():
+    """LLaMA-70B's layout in small: 2 kv heads on 4 tensor shards are replicated (sharding.REPLICATE_IF_INDIVISIBLE)."""
+    c = tiny_train_config()
+    c.model.lm.update(num_heads=8, num_kv_heads=2, vocab_size=48)
+    c.model.xattn.update(num_heads=4)
+    c.model.resampler.update(num_heads=4)
+    check(c, mesh(1, 2, 4))
+
+
+def test_rope_scaling_in_a_config_file_is_checked_by_field():
+    c = tiny_train_config()
+    c.model.lm.rope_scaling = dict(rope_type="linear", factor=4.0)
+    assert dict(config_lib.validate(c).lm.rope_scaling) == dict(rope_type="linear", factor=4.0)
+    c.model.lm.rope_scaling = dict(rope_type="longrope", factor=4.0)
+    with pytest.raises(ValueError, match=r"model\.lm\.rope_scaling: rope_type 'longrope' is not supported"):
+        config_lib.validate(c)
 
 
 def test_trainer_checks_the_mesh_before_data_or_state(tmp_path, monkeypatch):

@@ -40,6 +40,15 @@ def test_unmatched_axis_and_indivisible_dim_are_errors():
     assert spec == P(None, None)
 
 
+def test_only_kv_heads_are_replicated_when_the_tensor_shards_do_not_divide_them():
+    mesh = sharding.make_mesh((1, 2, 4))
+    spec = lambda axes, shape: sharding.logical_to_spec(axes, sharding.DEFAULT_RULES, shape=shape, mesh=mesh)
+    assert spec(("embed", "kv_heads", "head_dim"), (16, 8, 4)) == P("fsdp", "tensor", None)
+    assert spec(("embed", "kv_heads", "head_dim"), (16, 2, 4)) == P("fsdp", None, None)  # 2 kv heads, 4 shards
+    with pytest.raises(sharding.ShardingError, match=r"dim 1 \(heads\).*config\.model\.lm\.num_heads"):
+        spec(("embed", "heads", "head_dim"), (16, 2, 4))
+
+
 def test_state_shardings_from_module_axes():
     mesh = sharding.make_mesh((1, 2, 4))
     model = nnx.eval_shape(lambda: layers.FeedForward(16, 32, act="gelu", gated=True, rngs=nnx.Rngs(0)))

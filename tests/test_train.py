@@ -37,8 +37,16 @@ def test_demo_like_run_writes_metrics_tensorboard_and_eval(data_root, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train_rows] == [2, 4]
-    required = {"step", "train/loss", "train/lr", "train/grad_norm", "perf/step_time_s", "perf/tokens_per_s",
-                "perf/mfu", "perf/data_wait_frac"}
+    required = {
+        "step",
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "perf/step_time_s",
+        "perf/tokens_per_s",
+        "perf/mfu",
+        "perf/data_wait_frac",
+    }
     required |= {f"train/loss/{m}" for m in ("m3w", "ltip", "vtp", "align")}
     for r in train_rows:
         assert required <= set(r), required - set(r)
@@ -68,3 +76,22 @@ def test_consecutive_non_finite_steps_stop_the_run(data_root, tmp_path):
     c.train.update(steps=8, max_consecutive_skips=2, eval_every=0)
     with pytest.raises(FloatingPointError, match="2 consecutive steps"):
         train.train(c, str(tmp_path))
+
+
+def test_throughput_counts_only_the_datasets_each_step_ran():
+    # Two datasets of different sizes: "big" 8 x 32 tokens at 100 FLOPs per step, "small" 2 x 8 at 10.
+    shapes = {"big": dict(tokens=(8, 32)), "small": dict(tokens=(2, 8))}
+    window = train.Throughput.from_shapes({"big": 100.0, "small": 10.0}, shapes)
+    names = ["big", "small"]
+    for step in range(3):  # round_robin: big, small, big
+        window.add(train._schedule(names, "round_robin", step))
+    m = window.metrics(elapsed=2.0, peak_flops=1000.0)
+    assert m["perf/step_time_s"] == 2.0 / 3
+    assert m["perf/tokens_per_s"] == (256 + 16 + 256) / 2.0  # not 3 * (256 + 16) / 2
+    assert m["perf/examples_per_s"] == (8 + 2 + 8) / 2.0
+    assert m["perf/mfu"] == (100 + 10 + 100) / 2.0 / 1000.0
+    window.reset()
+    for step in range(2):  # accumulate / merged: every dataset every step
+        window.add(train._schedule(names, "accumulate", step))
+    m = window.metrics(elapsed=1.0, peak_flops=1000.0)
+    assert m["perf/tokens_per_s"] == 2 * (256 + 16) and m["perf/mfu"] == 2 * 110 / 1000.0

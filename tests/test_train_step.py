@@ -198,7 +198,7 @@ def test_frozen_weights_untouched_and_absent_from_optimizer(config, single, step
 def test_non_finite_update_is_skipped_and_counted(config, single, steps):
     tr, state, frozen = single
     batches = make_batches(config, 3)
-    state = _randomize_gates(state)
+    state = _randomize_gates(jax.tree.map(jnp.copy, state))  # the step donates its state: not the fixture's
     params_before = jax.tree.map(np.asarray, state["params"])
     bad = {k: dict(v) for k, v in batches.items()}
     bad["m3w"]["loss_mask"] = np.full_like(bad["m3w"]["loss_mask"], np.nan)
@@ -224,3 +224,86 @@ def test_strategies_differ_as_defined(config, single):
     np.testing.assert_allclose(float(acc["train/loss"]), sum(weights[m] * per[m] for m in weights), rtol=1e-5)
     with pytest.raises(ValueError, match="strategy"):
         train_step.mixture_grads(tr.parts, state["params"], frozen, batches, weights, {}, "mixed")
+
+
+# ------------------------------------------------------------------------------------ learning rate and keys
+def _fake_nll(parts, params, frozen, batch, rng=None):
+    """A stand-in model (compiles in well under a second): its loss draws from the key it is given, as an NFNet's
+    stochastic depth does, and is a fixed function of the parameters without one."""
+    noise = 1.0 if rng is None else jax.random.normal(rng, params["w"].shape)
+    return jnp.sum(batch["loss_mask"]) * jnp.sum(params["w"] * noise)
+
+
+def _fake_step(monkeypatch, warmup_steps=4, micro=None, seed=0):
+    import ml_collections
+
+    from flamingo_jax import optim
+    from flamingo_jax.config import base_config
+
+    monkeypatch.setattr(train_step, "batch_nll", _fake_nll)
+    ocfg = ml_collections.ConfigDict(base_config().optimizer.to_dict())
+    ocfg.update(lr=1.0, warmup_steps=warmup_steps, schedule="warmup_constant", weight_decay=0.0)
+    tx, lr = optim.make(ocfg, 100)
+    micro = micro or {"a": 1, "b": 1}
+    step = jax.jit(train_step.make_train_step(None, tx, lr, {"a": 1.0, "b": 0.5}, micro, seed=seed))
+    params = {"w": jnp.linspace(-1.0, 1.0, 6)}
+    return step, lr, train_step.init_state(params, tx)
+
+
+def _fake_batches(nan: bool = False):
+    mask = np.full((4, 3), np.nan if nan else 1.0, np.float32)
+    return {"a": {"loss_mask": mask}, "b": {"loss_mask": np.ones((4, 3), np.float32)}}
+
+
+def test_logged_lr_is_the_one_applied_after_a_skipped_update(monkeypatch):
+    step, lr, state = _fake_step(monkeypatch)  # warmup: lr(0) = 0, lr(1) = 0.25, lr(2) = 0.5, ...
+    state, m = step(state, {}, _fake_batches(nan=True))  # forced non-finite: skipped
+    assert int(state["skipped"]) == 1 and int(state["step"]) == 1
+    assert int(train_step.update_count(state)) == 0  # the optimiser (and its schedule) did not count it
+    assert float(m["train/lr"]) == float(lr(0))  # the rate the discarded update would have applied
+
+    # Step 1 applies the schedule at the optimiser's count 0, not at the step's 1: the warmup's 0, so the
+    # parameters stay put, and 0 is what is logged.
+    w = np.asarray(state["params"]["w"])
+    state, m = step(state, {}, _fake_batches())
+    assert float(m["train/lr"]) == float(lr(0)) == 0.0 != float(lr(1))
+    np.testing.assert_array_equal(np.asarray(state["params"]["w"]), w)
+    assert int(train_step.update_count(state)) == 1 and int(state["step"]) == 2
+
+    state, m = step(state, {}, _fake_batches())  # step 2 applies lr(1) = 0.25
+    assert float(m["train/lr"]) == float(lr(1)) == 0.25 != float(lr(2))
+    assert np.abs(np.asarray(state["params"]["w"]) - w).max() > 0.1
+
+
+def test_step_key_depends_on_seed_step_dataset_and_micro_batch_only(monkeypatch):
+    """The key is a function of (seed, step, dataset, micro-batch): a resumed run redraws the same values."""
+    step, _, state = _fake_step(monkeypatch)
+    norm = lambda st, b=None: float(step(jax.tree.map(jnp.copy, st), {}, b or _fake_batches())[1]["train/grad_norm"])
+    at = lambda s: dict(state, step=jnp.asarray(s, jnp.int32))
+    assert norm(at(3)) == norm(at(3))  # resume: same step, same draw
+    assert len({norm(at(s)) for s in range(4)}) == 4  # a new draw every step
+    step_seed1, _, _ = _fake_step(monkeypatch, seed=1)
+    assert float(step_seed1(at(3), {}, _fake_batches())[1]["train/grad_norm"]) != norm(at(3))
+    step_micro, _, _ = _fake_step(monkeypatch, micro={"a": 2, "b": 1})
+    assert float(step_micro(at(3), {}, _fake_batches())[1]["train/grad_norm"]) != norm(at(3))
+
+    # Per dataset by name: dataset "b" alone (round_robin) draws what it draws next to "a".
+    key = train_step.step_key(0, 3)
+    weights, micro = {"a": 1.0, "b": 0.5}, {"a": 1, "b": 1}
+    g_b, _ = train_step.mixture_grads(None, state["params"], {}, {"b": _fake_batches()["b"]}, weights, micro, rng=key)
+    g_ab, _ = train_step.mixture_grads(None, state["params"], {}, _fake_batches(), weights, micro, rng=key)
+    g_a, _ = train_step.mixture_grads(None, state["params"], {}, {"a": _fake_batches()["a"]}, weights, micro, rng=key)
+    np.testing.assert_allclose(np.asarray(g_ab["w"]), np.asarray(g_a["w"] + g_b["w"]), rtol=1e-6)
+    assert not np.allclose(np.asarray(g_a["w"]) / weights["a"], np.asarray(g_b["w"]) / weights["b"])
+
+
+def test_frozen_vision_encoder_step_ignores_the_key(config, single, steps):
+    """With the encoder frozen nothing draws from the key: any step number gives bitwise the same step."""
+    tr, state, frozen = single
+    state = _randomize_gates(state)
+    batches = {k: train.to_global(v, tr) for k, v in make_batches(config, 5).items()}
+    outs = [steps["all"](jax.tree.map(jnp.copy, dict(state, step=state["step"] + s)), frozen, batches) for s in (0, 7)]
+    (new0, m0), (new7, m7) = outs
+    np.testing.assert_array_equal(np.asarray(m0["train/loss"]), np.asarray(m7["train/loss"]))
+    for a, b in zip(jax.tree.leaves(new0["params"]), jax.tree.leaves(new7["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -3,10 +3,12 @@
 Public API (import the submodules; this package imports nothing heavy by itself):
 
 Tokenizer (`flamingo_jax.data.tokenizer`)
-  Tokenizer.from_path(path)     SentencePiece `.model` or Hugging Face `tokenizer.json` (local path).
-    .base_vocab_size            the tokenizer's own vocabulary; NUM_ADDED_TOKENS = 3 rows follow it:
+  Tokenizer.from_path(path, model_vocab_size=None)   SentencePiece `.model` or HF `tokenizer.json` (local).
+    .base_vocab_size            the LM's embedding rows (model_vocab_size; else the tokenizer's own size, which
+                                may be smaller: .own_vocab_size); NUM_ADDED_TOKENS = 3 rows follow it:
     .image_id = base_vocab_size (`<image>`), .eoc_id = base_vocab_size + 1 (`<|endofchunk|>`),
     .pad_id = own pad id if any, else base_vocab_size + 2;  .bos_id (may be None), .eos_id, .vocab_size
+    .adds_bos                   whether the tokenizer's own files prepend BOS (the loaders' `add_bos=None`)
     .encode(text) -> list[int]  (literal `<image>`/`<|endofchunk|>` -> their ids), .decode(ids) -> str
 
 Builders (`flamingo_jax.data.builders`), one TFDS builder per kind, local sources only:

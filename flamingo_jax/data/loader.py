@@ -62,7 +62,8 @@ def default_dataset_config(kind: str) -> ml_collections.ConfigDict:
             "color_jitter": 0.1,  # Max relative change of brightness, contrast, saturation.
             "resize": "pad",  # 'pad' (aspect kept, zero padded) or 'random_crop' (centre crop in eval).
             "crop_max_scale": 1.15,  # random_crop: shorter side resized to S * U[1, crop_max_scale].
-            "add_bos": False,  # Prepend the tokenizer's BOS (LLaMA-style LMs expect one).
+            # Prepend BOS. None: as the tokenizer's own files say (LLaMA's prepend it, Qwen2's and GPT-2's don't).
+            "add_bos": None,
             "read_threads": 4,  # Grain record-reading threads per process.
             "prefetch_buffer_size": 64,
             "worker_buffer_size": 2,  # Batches each worker process prepares ahead.
@@ -89,7 +90,8 @@ class ToExample(grain.RandomMapTransform):
     def __init__(self, cfg: ml_collections.ConfigDict, tok: Tokenizer, image_size: int, train: bool):
         self.kind, self.tok, self.size, self.train = cfg.kind, tok, int(image_size), bool(train)
         self.seq_len, self.max_media, self.frames = int(cfg.seq_len), int(cfg.max_media), int(cfg.frames)
-        self.fps, self.p_next, self.add_bos = float(cfg.fps), float(cfg.p_next), bool(cfg.add_bos)
+        self.fps, self.p_next = float(cfg.fps), float(cfg.p_next)
+        self.add_bos = tok.adds_bos if cfg.add_bos is None else bool(cfg.add_bos)
         self.prep = {
             "resize": cfg.resize,
             "augment_": bool(cfg.augment),

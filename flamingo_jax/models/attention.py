@@ -1,9 +1,8 @@
-"""Scaled dot-product attention with a selectable kernel, and rotary position embeddings."""
+"""Scaled dot-product attention with a selectable kernel (rotary position embeddings: `rope.py`)."""
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 Array = jax.Array
 
@@ -32,20 +31,3 @@ def dot_product_attention(
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=implementation).astype(
         q.dtype
     )
-
-
-def rotary_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
-    """cos/sin tables [B, L, head_dim] for integer positions [B, L] (the half-split layout of HF LLaMA)."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
-    """Rotates x [B, L, H, D] by the tables [B, L, D]; computed in float32."""
-    xf = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
-    return out.astype(x.dtype)

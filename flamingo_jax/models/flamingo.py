@@ -56,25 +56,42 @@ def check_trainable_patterns(model: nnx.Module, patterns: Sequence[str]) -> None
 VISION_KINDS = ("nfnet", "clip_vit")
 
 
+# The statistics each tower family was trained with; a pretrained tower's own files override them.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DEFAULT_IMAGE_STATS = {"nfnet": (IMAGENET_MEAN, IMAGENET_STD), "clip_vit": (vit.CLIP_MEAN, vit.CLIP_STD)}
+DEFAULT_ACTIVATION = {"nfnet": "scaled_gelu", "clip_vit": "quick_gelu"}
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
     kind: str = "nfnet"
     image_size: int = 320
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # None: the tower family's own (ImageNet's for NFNet, OpenAI CLIP's for a CLIP ViT). With `vision_pretrained`
+    # set, the tower's files decide (`flamingo_jax.pretrained.towers.resolve`).
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    # None: 'scaled_gelu' (NFNet; DeepMind's released weights need 'scaled_gelu_tanh'), 'quick_gelu' (CLIP).
+    activation: str | None = None
     # kind == 'nfnet'
     variant: str | None = "F6"
     widths: tuple[int, ...] | None = None
     depths: tuple[int, ...] | None = None
     stem_widths: tuple[int, ...] | None = None
     group_size: int = 128
-    activation: str = "scaled_gelu"  # 'scaled_gelu_tanh' for DeepMind's released weights
+    stochdepth_rate: float = 0.1  # NFNet's stochastic depth, when the encoder trains (stage 1, or trainable)
     # kind == 'clip_vit' (CLIP ViT-L/14 by default)
     patch_size: int = 14
     width: int = 1024
     num_layers: int = 24
     num_heads: int = 16
     mlp_dim: int = 4096
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        mean, std = DEFAULT_IMAGE_STATS.get(self.kind, (IMAGENET_MEAN, IMAGENET_STD))
+        for name, value in (("mean", mean), ("std", std), ("activation", DEFAULT_ACTIVATION.get(self.kind))):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)  # frozen: defaults resolved once, at construction
 
     def vit_config(self) -> vit.ViTConfig:
         return vit.ViTConfig(
@@ -84,6 +101,8 @@ class VisionConfig:
             num_layers=self.num_layers,
             num_heads=self.num_heads,
             mlp_dim=self.mlp_dim,
+            act=self.activation,
+            norm_eps=self.norm_eps,
         )
 
     def feature_dim(self) -> int:
@@ -96,13 +115,18 @@ class VisionConfig:
     def validate(self) -> None:
         if self.kind not in VISION_KINDS:
             raise ValueError(f"model.vision.kind: {self.kind!r}; choose one of {VISION_KINDS}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"model.vision.mean/std: 3 values each, std positive; got {self.mean} / {self.std}")
         if self.kind == "clip_vit":
+            self.vit_config().validate("model.vision")
             if self.width % self.num_heads:
                 raise ValueError(f"model.vision.num_heads={self.num_heads} must divide width={self.width}")
             if self.image_size % self.patch_size:
                 raise ValueError(f"model.vision.patch_size={self.patch_size} must divide image_size={self.image_size}")
             return
         layers_lib.activation(self.activation)
+        if not 0.0 <= self.stochdepth_rate < 1.0:
+            raise ValueError(f"model.vision.stochdepth_rate={self.stochdepth_rate} must be in [0, 1)")
         try:
             widths, depths, _ = nfnet.resolve_architecture(self.variant, self.widths, self.depths, None)
         except ValueError as e:
@@ -151,6 +175,9 @@ class FlamingoConfig:
     # encoder a safetensors file from `flamingo_jax.pretrained.nfnet_convert` or a Hugging Face CLIP directory.
     lm_pretrained: str = ""
     vision_pretrained: str = ""
+    # A frozen tower without pretrained weights is almost always a mistake (the paper's towers are pretrained):
+    # the trainer refuses it unless this is set (tests, toy runs, compile-only planning do not need weights).
+    allow_random_towers: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
     frozen_param_dtype: str = "float32"
@@ -174,13 +201,9 @@ class FlamingoConfig:
             sub(ResamplerConfig, "resampler"),
             sub(XAttnConfig, "xattn"),
         )
+        # With pretrained towers, `lm` and `vision` must already hold the towers' own settings:
+        # `flamingo_jax.pretrained.towers.resolve` fills them from the files (config.model_config does).
         lm_dict = dict(d.pop("lm"))
-        if d.get("lm_pretrained"):
-            from flamingo_jax.pretrained import hf_lm
-
-            # The architecture is the checkpoint's; only settings that are not architecture carry over.
-            hf = hf_lm.lm_config_from_hf(d["lm_pretrained"], num_added_tokens=lm_dict.get("num_added_tokens", 3))
-            lm_dict = {**hf, **{k: v for k, v in lm_dict.items() if k in ("max_len",)}}
         lm = lm_lib.LMConfig.from_dict(lm_dict)
         if "trainable" in d:
             d["trainable"] = tuple(d["trainable"])
@@ -251,6 +274,7 @@ class Flamingo(nnx.Module):
                 group_size=v.group_size,
                 activation=v.activation,
                 num_classes=None,
+                stochdepth_rate=v.stochdepth_rate,
                 remat=cfg.remat,
                 dtype=dtype,
                 param_dtype=pdtype,
@@ -296,8 +320,13 @@ class Flamingo(nnx.Module):
         self.vision_trains = any(re.fullmatch(p, vp) for p in cfg.trainable for vp in vision_paths)
 
     # -- vision ----------------------------------------------------------------------------------------------
-    def encode_media(self, media: Array) -> Array:
-        """media [B, N, T, H, W, 3] (uint8 or float in [0, 1]) -> visual tokens [B, N, latents, vision_dim]."""
+    def encode_media(self, media: Array, *, rng: Array | None = None) -> Array:
+        """media [B, N, T, H, W, 3] (uint8 or float in [0, 1]) -> visual tokens [B, N, latents, vision_dim].
+
+        `rng` is a training step's key: the vision encoder runs in training mode (an NFNet's stochastic depth)
+        only when it is given and the encoder trains. Without it, or with the encoder frozen, the encoding is
+        deterministic and the key is unused (evaluation, generation and frozen-encoder training are unchanged).
+        """
         b, n, t, h, w, c = media.shape
         dtype = jnp.dtype(self.cfg.dtype)
         x = media.astype(jnp.float32)
@@ -308,7 +337,10 @@ class Flamingo(nnx.Module):
         # gathered over `tensor` layer by layer. The resampler's inputs go back to `batch` sharding.
         x = sharding.constrain(x.reshape(b * n * t, h, w, c), ("vision_batch", None, None, None))
         x = (x - jnp.asarray(self.cfg.vision.mean)) / jnp.asarray(self.cfg.vision.std)
-        feats = self.vision.features(x.astype(dtype))
+        if rng is not None and self.vision_trains and isinstance(self.vision, nfnet.NFNet):
+            feats = self.vision.features(x.astype(dtype), train=True, rng=rng)
+        else:  # a ViT has no stochastic regulariser: its training mode is its evaluation mode
+            feats = self.vision.features(x.astype(dtype))
         if not self.vision_trains:
             feats = jax.lax.stop_gradient(feats)  # frozen: no backward pass through the encoder at all
         # NFNet gives a spatial grid [*, h, w, c], a ViT a token sequence [*, s, c]: both become s = h * w tokens.
@@ -322,9 +354,9 @@ class Flamingo(nnx.Module):
             self.xattn, self.cfg.xattn.every, lambda block, h: block(h, visual.astype(h.dtype), idx)
         )
 
-    def __call__(self, media: Array, ids: Array, *, link_next: Array | None = None) -> Array:
-        """Logits [B, L, vocab + added] (float32)."""
-        visual = self.encode_media(media)
+    def __call__(self, media: Array, ids: Array, *, link_next: Array | None = None, rng: Array | None = None) -> Array:
+        """Logits [B, L, vocab + added] (float32). `rng`: a training step's key, see `encode_media`."""
+        visual = self.encode_media(media, rng=rng)
         idx = xattn.media_index(ids, self.cfg.image_token_id, link_next=link_next, num_media=media.shape[1])
         logits, _ = self.lm(ids, hook=self._hook(visual, idx))
         return logits

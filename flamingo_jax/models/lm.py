@@ -21,6 +21,7 @@ from flax import nnx
 
 from flamingo_jax import sharding
 from flamingo_jax.models import attention, layers, stacking
+from flamingo_jax.models import rope as rope_lib
 
 Array = jax.Array
 
@@ -65,10 +66,17 @@ class LMConfig:
     mlp_bias: bool = False
     positions: str = "rope"
     rope_theta: float = 10000.0
+    # RoPE scaling as sorted (key, value) pairs with Hugging Face's key names (a dict is accepted and normalised):
+    # rope_type 'linear', 'llama3' or 'yarn' and its parameters; () is plain RoPE. See models/rope.py.
+    rope_scaling: tuple[tuple[str, Any], ...] = ()
     max_len: int = 2048
     tie_embeddings: bool = False
     num_added_tokens: int = 3
     init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        # Hashable whatever the source: a dict from a config file, lists of pairs from JSON (export's config.json).
+        object.__setattr__(self, "rope_scaling", rope_lib.normalise_scaling(self.rope_scaling))
 
     @property
     def kv_heads(self) -> int:
@@ -102,6 +110,9 @@ class LMConfig:
             raise ValueError(f"{prefix}.positions must be 'rope' or 'learned', got {self.positions!r}")
         if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(f"{prefix}.head_dim={self.head_dim} must be even for rotary positions")
+        if self.rope_scaling and self.positions != "rope":
+            raise ValueError(f"{prefix}.rope_scaling is set, but {prefix}.positions={self.positions!r} is not 'rope'")
+        rope_lib.validate_scaling(self.rope_scaling, f"{prefix}.rope_scaling")
         layers.activation(self.mlp_act)
 
 
@@ -172,7 +183,7 @@ class SelfAttention(nnx.Module):
         q, k, v = self.q(x), self.k(x), self.v(x)
         q = sharding.constrain(q, ("batch", "length", "heads", "head_dim"))
         if rope is not None:
-            q, k = attention.apply_rotary(q, *rope), attention.apply_rotary(k, *rope)
+            q, k = rope_lib.apply_rotary(q, *rope), rope_lib.apply_rotary(k, *rope)
         if cache is None:
             out = attention.dot_product_attention(q, k, v, is_causal=True, implementation=self.attention_impl)
         else:
@@ -304,7 +315,9 @@ class DecoderLM(nnx.Module):
         if cfg.positions == "learned":
             h = h + jnp.take(self.pos_embed[...], jnp.minimum(positions, cfg.max_len - 1), axis=0).astype(h.dtype)
         h = sharding.constrain(h, ("batch", "length", "embed"))
-        rope = attention.rotary_tables(positions, cfg.head_dim, cfg.rope_theta) if cfg.positions == "rope" else None
+        rope = None
+        if cfg.positions == "rope":
+            rope = rope_lib.rotary_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
         layer_cache = None
         if cache is not None:

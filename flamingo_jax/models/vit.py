@@ -28,6 +28,10 @@ Array = jax.Array
 
 _TOKEN_AXES = ("vision_batch", "length", "vision_embed")
 
+# OpenAI CLIP's image statistics: every CLIP tower expects inputs normalised with these, not ImageNet's.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 
 def quick_gelu(x: Array) -> Array:
     """OpenAI CLIP's GELU approximation `x * sigmoid(1.702 x)`; the pretrained weights expect exactly this."""

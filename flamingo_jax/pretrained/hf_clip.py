@@ -12,7 +12,8 @@ prefix; the text tower and the projections are then ignored). Mapping onto `mode
     encoder.layers.i.self_attn.out_proj [D, D]          layers/o/kernel [H, hd, D]
     encoder.layers.i.layer_norm1/2, mlp.fc1/fc2          layers/attn_norm, mlp_norm, fc1, fc2
 
-Images must be normalised with CLIP's statistics (`CLIP_MEAN`, `CLIP_STD`), not ImageNet's.
+Images must be normalised with the statistics in the directory's `preprocessor_config.json` (`image_stats`),
+which for OpenAI's towers are CLIP's own (`CLIP_MEAN`, `CLIP_STD`), not ImageNet's.
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ from flamingo_jax import sharding as sharding_lib
 from flamingo_jax.models import vit
 from flamingo_jax.pretrained import load
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN, CLIP_STD = vit.CLIP_MEAN, vit.CLIP_STD
 
 
 def vit_config_from_hf(path: str | Path) -> vit.ViTConfig:
@@ -56,6 +56,18 @@ def vit_config_from_hf(path: str | Path) -> vit.ViTConfig:
         act=hf.get("hidden_act", "quick_gelu"),
         norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
     )
+
+
+def image_stats(path: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) from the directory's `preprocessor_config.json`, else OpenAI CLIP's."""
+    f = Path(path) / "preprocessor_config.json"
+    if not f.exists():
+        return CLIP_MEAN, CLIP_STD
+    pre = json.loads(f.read_text())
+    mean, std = pre.get("image_mean", CLIP_MEAN), pre.get("image_std", CLIP_STD)
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"{f}: image_mean/image_std need 3 values each, got {mean} / {std}")
+    return tuple(float(x) for x in mean), tuple(float(x) for x in std)
 
 
 def clip_sources(cfg: vit.ViTConfig, names: Collection[str]) -> tuple[dict[str, Any], list[str]]:

@@ -12,7 +12,8 @@ into our `LMConfig` fields; `lm_sources` maps HF tensor names onto the `DecoderL
     lm_head [V, D]  (absent when tied)            head/base [D, V]; head/added = mean of the rows, transposed
     GPT-2 Conv1D weights are already [in, out]; c_attn [D, 3D] is fused q|k|v, split by column offset.
 
-HF's rotary embedding uses the same half-split layout as ours, so q/k need no permutation.
+HF's rotary embedding uses the same half-split layout as ours, so q/k need no permutation. Its RoPE scaling
+(`rope_parameters` in transformers 5, `rope_scaling` in 4.x) becomes `LMConfig.rope_scaling` (models/rope.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from jax.sharding import Mesh
 
 from flamingo_jax import sharding as sharding_lib
 from flamingo_jax.models import lm as lm_lib
+from flamingo_jax.models import rope as rope_lib
 from flamingo_jax.pretrained import load
 
 LLAMA_LIKE = ("llama", "qwen2", "mistral")
@@ -62,14 +64,32 @@ def _act(hf: dict[str, Any], key: str, default: str) -> str:
     return _ACTS[name]
 
 
-def _rope_theta(hf: dict[str, Any]) -> float:
+def _rope(hf: dict[str, Any], path: str | Path) -> tuple[float, dict[str, Any]]:
+    """(rope_theta, rope_scaling) for `LMConfig`; an unsupported scaling fails naming its type."""
     # transformers 5 nests rope settings in `rope_parameters`; 4.x had `rope_theta` and `rope_scaling`.
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise ValueError(f"HF config uses rope_type={kind!r}; only unscaled rotary positions are implemented")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    if any(isinstance(v, Mapping) for v in params.values()):
+        raise ValueError(f"{path}: HF config has per-layer-type rope parameters ({sorted(params)}); not supported")
+    kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    theta = float(params.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0)
+    partial = params.pop("partial_rotary_factor", None) or hf.get("partial_rotary_factor") or 1.0
+    if partial != 1.0:
+        raise ValueError(f"{path}: partial_rotary_factor={partial}: only full-width rotary is implemented")
+    if kind == "default":
+        return theta, {}
+    rope_lib.check_type(kind, f"{path}/config.json")
+    if kind in ("llama3", "yarn"):
+        # As transformers: a top-level value (Phi-3) wins, then the rope dict's, then max_position_embeddings.
+        params["original_max_position_embeddings"] = int(
+            hf.get("original_max_position_embeddings")
+            or params.get("original_max_position_embeddings")
+            or hf["max_position_embeddings"]
+        )
+    if kind == "yarn" and params.get("factor") is None:
+        params["factor"] = hf["max_position_embeddings"] / params["original_max_position_embeddings"]
+    # Unset optional parameters take transformers' defaults (it reads them with .get(...) or a fallback).
+    return theta, {"rope_type": kind, **{k: v for k, v in params.items() if v is not None}}
 
 
 def lm_config_from_hf(path: str | Path, *, num_added_tokens: int = 3) -> dict[str, Any]:
@@ -80,6 +100,7 @@ def lm_config_from_hf(path: str | Path, *, num_added_tokens: int = 3) -> dict[st
         heads = int(hf["num_attention_heads"])
         dim = int(hf["hidden_size"])
         attention_bias = bool(hf.get("attention_bias", False))
+        theta, scaling = _rope(hf, path)
         window = hf.get("sliding_window") if hf.get("use_sliding_window", model_type == "mistral") else None
         if window:
             logging.warning(
@@ -106,7 +127,8 @@ def lm_config_from_hf(path: str | Path, *, num_added_tokens: int = 3) -> dict[st
             out_bias=attention_bias and model_type != "qwen2",
             mlp_bias=bool(hf.get("mlp_bias", False)),
             positions="rope",
-            rope_theta=_rope_theta(hf),
+            rope_theta=theta,
+            rope_scaling=scaling,
             max_len=int(hf.get("max_position_embeddings", 2048)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             num_added_tokens=num_added_tokens,
@@ -294,3 +316,12 @@ def load_lm(
         )
 
     return load.load_module(make, path, lambda _, reader: lm_sources(cfg, reader.names), mesh=mesh, rules=rules)
+
+
+def special_token_ids(path: str | Path) -> dict[str, Any]:
+    """{'bos': id or None, 'eos': [ids]} from an HF LM directory's config.json (`eos_token_id` may be a list)."""
+    hf = read_hf_config(path)
+    eos = hf.get("eos_token_id")
+    eos = [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+    bos = hf.get("bos_token_id")
+    return {"bos": None if bos is None else int(bos), "eos": eos}

@@ -3,8 +3,8 @@
 Every parameter of a target `nnx.State` is described by a `Source`: which checkpoint tensor(s) hold it and how
 they are laid out relative to ours (transposes, head splits, fused projections, stacked layers). The array
 is then built with `jax.make_array_from_callback`, whose callback reads only the slice that one device holds
-through `safetensors.safe_open(...).get_slice(name)[idx]` (memory-mapped). No host ever materialises a full
-copy of a tensor it shards, so a 70B LM loads onto a pod in its final layout.
+(positional reads of the safetensors file, in bounded chunks) and casts it to the parameter's final dtype. No
+host ever materialises a full copy of a tensor it shards, so a 70B LM loads onto a pod in its final layout.
 
 Everything that can be checked before reading a value is checked first: every parameter has a source, every
 source tensor exists with the expected shape, and no checkpoint tensor is left unused (an unused tensor almost
@@ -13,20 +13,21 @@ always means a mapping bug or the wrong architecture). The errors name the tenso
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
+import os
 import re
+import struct
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import jax
+import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, Sharding, SingleDeviceSharding
-from safetensors import safe_open
 
 from flamingo_jax import sharding as sharding_lib
 
@@ -43,32 +44,102 @@ class CheckpointError(ValueError):
 
 # ----------------------------------------------------------------------------------------------------------
 # Reading safetensors files.
+# Bytes read per positional read: bounds the temporary host memory of a block that is not one contiguous range.
+_CHUNK_BYTES = 64 << 20
+
+_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U64": np.uint64,
+    "U32": np.uint32,
+    "U16": np.uint16,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    file: str
+    dtype: np.dtype
+    shape: Shape
+    offset: int  # absolute byte offset of the first element in its file
+
+
+def _pread(fd: int, n: int, offset: int, path: Path) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        b = os.pread(fd, n - got, offset + got)
+        if not b:
+            raise CheckpointError(f"{path} ends early: wanted {n} bytes at offset {offset}")
+        chunks.append(b)
+        got += len(b)
+    return b"".join(chunks) if len(chunks) > 1 else chunks[0]
+
+
+def _pread_into(fd: int, out: np.ndarray, offset: int, path: Path) -> None:
+    view, got = memoryview(out.reshape(-1).view(np.uint8)), 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n <= 0:
+            raise CheckpointError(f"{path} ends early: wanted {len(view)} bytes at offset {offset}")
+        got += n
+
+
 class TensorReader:
     """Named tensors of one safetensors file, or of a directory of them (with or without an index).
 
-    Files are memory-mapped; `slice(name)[idx]` reads only the requested block.
+    The header is parsed here and each block is read with positional reads (`os.pread`) into memory this
+    process owns, one bounded chunk at a time. No file is memory-mapped: mapped pages a reader touches stay in
+    the process's resident set until the mapping goes, so loading a tower through mmap costs a second copy of
+    the file in RSS on top of the model it fills (measured in docs/benchmarks.md).
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         files = self._files(self.path)
-        self._stack = contextlib.ExitStack()
-        self._handles: dict[str, Any] = {}
-        self._file_of: dict[str, str] = {}
+        self._fds: dict[str, int] = {}
+        self._paths: dict[str, Path] = {}
+        self._entries: dict[str, _Entry] = {}
         self._metadata: dict[str, str] = {}
         try:
             for f in files:
-                handle = self._stack.enter_context(safe_open(str(f), framework="np"))
-                self._handles[f.name] = handle
-                self._metadata.update(handle.metadata() or {})
-                for name in handle.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
-                    if name in self._file_of:
-                        raise CheckpointError(f"tensor {name!r} appears in both {self._file_of[name]} and {f.name}")
-                    self._file_of[name] = f.name
+                self._fds[f.name] = os.open(f, os.O_RDONLY)
+                self._paths[f.name] = f
+                self._parse_header(f)
         except BaseException:
-            self._stack.close()
+            self.close()
             raise
         self._check_index()
+
+    def _parse_header(self, f: Path) -> None:
+        fd, size = self._fds[f.name], os.fstat(self._fds[f.name]).st_size
+        try:
+            (n,) = struct.unpack("<Q", _pread(fd, 8, 0, f))
+            if n > size - 8:
+                raise ValueError(f"header of {n} bytes in a file of {size}")
+            header = json.loads(_pread(fd, n, 8, f))
+        except (struct.error, ValueError, CheckpointError) as e:
+            raise CheckpointError(f"{f} is not a safetensors file: {e}") from e
+        self._metadata.update(header.pop("__metadata__", None) or {})
+        for name, info in header.items():
+            if name in self._entries:
+                raise CheckpointError(f"tensor {name!r} appears in both {self._entries[name].file} and {f.name}")
+            if info.get("dtype") not in _DTYPES:
+                raise CheckpointError(
+                    f"{f}: tensor {name!r} has dtype {info.get('dtype')!r}, not one of {list(_DTYPES)}"
+                )
+            dtype, shape = np.dtype(_DTYPES[info["dtype"]]), tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+            if end - begin != math.prod(shape) * dtype.itemsize or 8 + n + end > size:
+                raise CheckpointError(f"{f}: tensor {name!r} {shape} has data offsets {[begin, end]} that do not fit")
+            self._entries[name] = _Entry(f.name, dtype, shape, 8 + n + begin)
 
     @staticmethod
     def _files(path: Path) -> list[Path]:
@@ -95,10 +166,9 @@ class TensorReader:
             return
         weight_map = json.loads(index.read_text())["weight_map"]
         for name, fname in weight_map.items():
-            if self._file_of.get(name) != fname:
-                raise CheckpointError(
-                    f"{index}: tensor {name!r} is listed in {fname} but found in {self._file_of.get(name)}"
-                )
+            found = self._entries[name].file if name in self._entries else None
+            if found != fname:
+                raise CheckpointError(f"{index}: tensor {name!r} is listed in {fname} but found in {found}")
 
     def __enter__(self) -> TensorReader:
         return self
@@ -107,28 +177,56 @@ class TensorReader:
         self.close()
 
     def close(self) -> None:
-        self._stack.close()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
 
     @property
     def names(self) -> set[str]:
-        return set(self._file_of)
+        return set(self._entries)
 
     @property
     def metadata(self) -> dict[str, str]:
         return dict(self._metadata)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._file_of
-
-    def slice(self, name: str) -> Any:
-        return self._handles[self._file_of[name]].get_slice(name)
+        return name in self._entries
 
     def shape(self, name: str) -> Shape:
-        return tuple(int(s) for s in self.slice(name).get_shape())
+        return self._entries[name].shape
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._entries[name].dtype
 
     def read(self, name: str, idx: Index) -> np.ndarray:
-        sl = self.slice(name)
-        return np.asarray(sl[idx] if idx else sl[()])
+        """The block `idx` (slices with step 1, possibly fewer than the dims) of tensor `name`, in its dtype."""
+        e = self._entries[name]
+        idx = tuple(slice(*s.indices(n)[:2]) for s, n in zip(tuple(idx) + (slice(None),) * len(e.shape), e.shape))
+        out = np.empty([s.stop - s.start for s in idx], e.dtype)
+        if out.size:
+            self._read_into(self._fds[e.file], self._paths[e.file], e.offset, e.shape, e.dtype, idx, out)
+        return out
+
+    def _read_into(
+        self, fd: int, path: Path, offset: int, shape: Shape, dtype: np.dtype, idx: Index, out: np.ndarray
+    ) -> None:
+        if not shape:
+            out[...] = np.frombuffer(_pread(fd, dtype.itemsize, offset, path), dtype)[0]
+            return
+        row = math.prod(shape[1:]) * dtype.itemsize  # bytes of one index along the leading dim
+        first = idx[0]
+        whole_rows = all(s.start == 0 and s.stop == n for s, n in zip(idx[1:], shape[1:]))
+        if whole_rows:  # one contiguous byte range: read straight into the output
+            _pread_into(fd, out, offset + first.start * row, path)
+        elif row <= _CHUNK_BYTES:  # whole rows a chunk at a time, keeping the requested columns
+            per = max(1, _CHUNK_BYTES // max(row, 1))
+            for a in range(first.start, first.stop, per):
+                b = min(a + per, first.stop)
+                block = np.frombuffer(_pread(fd, (b - a) * row, offset + a * row, path), dtype)
+                out[a - first.start : b - first.start] = block.reshape(b - a, *shape[1:])[(slice(None), *idx[1:])]
+        else:  # a row larger than a chunk: descend into it
+            for a in range(first.start, first.stop):
+                self._read_into(fd, path, offset + a * row, shape[1:], dtype, idx[1:], out[a - first.start])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -142,8 +240,9 @@ class Source(Protocol):
         """Raises CheckpointError, naming the tensor and its expected shape, if it cannot be filled."""
         ...
 
-    def read(self, reader: TensorReader, idx: Index, target_shape: Shape) -> np.ndarray:
-        """The block `idx` (normalised slices) of the target, in the target layout, in the source dtype."""
+    def read(self, reader: TensorReader, idx: Index, target_shape: Shape, dtype: np.dtype) -> np.ndarray:
+        """The block `idx` (normalised slices) of the target, in the target layout, cast to `dtype` (the source
+        dtype is only ever held for a bounded part of it)."""
         ...
 
 
@@ -194,10 +293,10 @@ class View:
             raise CheckpointError(f"{what}: view of {self.name!r} maps dims {groups}, target has shape {target_shape}")
         _check_tensor(reader, self.name, self.expected_shape(target_shape), what)
 
-    def read(self, reader: TensorReader, idx: Index, target_shape: Shape) -> np.ndarray:
+    def read(self, reader: TensorReader, idx: Index, target_shape: Shape, dtype: np.dtype) -> np.ndarray:
         groups = self._groups(len(target_shape))
         if self.groups is None:
-            return reader.read(self.name, idx)
+            return reader.read(self.name, idx).astype(dtype, copy=False)
         offsets = self.offsets or (0,) * len(groups)
         flats, src_idx = [], []
         for g, off in zip(groups, offsets):
@@ -213,7 +312,7 @@ class View:
                 block = np.take(block, pos, axis=j)
         order = [d for g in groups for d in g]
         block = block.reshape([idx[d].stop - idx[d].start for d in order])
-        return np.transpose(block, np.argsort(order))
+        return np.transpose(block, np.argsort(order)).astype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,9 +332,12 @@ class Stack:
         for i, p in enumerate(self.parts):
             p.check(reader, target_shape[1:], f"{what}[{i}]")
 
-    def read(self, reader: TensorReader, idx: Index, target_shape: Shape) -> np.ndarray:
-        rows = [self.parts[i].read(reader, idx[1:], target_shape[1:]) for i in range(idx[0].start, idx[0].stop)]
-        return np.stack(rows)
+    def read(self, reader: TensorReader, idx: Index, target_shape: Shape, dtype: np.dtype) -> np.ndarray:
+        # Layer by layer into the final array: only one layer's block is ever held in the source dtype.
+        out = np.empty([s.stop - s.start for s in idx], dtype)
+        for j, i in enumerate(range(idx[0].start, idx[0].stop)):
+            out[j] = self.parts[i].read(reader, idx[1:], target_shape[1:], dtype)
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,14 +365,14 @@ class RowMean:
         if len(found) != 2 or found[1] != dim:
             raise CheckpointError(f"tensor {self.name!r} has shape {found}, expected shape (vocab, {dim}) (for {what})")
 
-    def read(self, reader: TensorReader, idx: Index, target_shape: Shape) -> np.ndarray:
+    def read(self, reader: TensorReader, idx: Index, target_shape: Shape, dtype: np.dtype) -> np.ndarray:
         col = idx[0] if self.transposed else idx[1]
         vocab = reader.shape(self.name)[0]
         total = np.zeros(col.stop - col.start, np.float64)
         for start in range(0, vocab, _MEAN_CHUNK_ROWS):
             rows = reader.read(self.name, (slice(start, min(start + _MEAN_CHUNK_ROWS, vocab)), col))
             total += rows.astype(np.float64).sum(axis=0)
-        mean = (total / vocab).astype(np.float32)
+        mean = (total / vocab).astype(np.float32).astype(dtype)
         n = (idx[1] if self.transposed else idx[0]).stop - (idx[1] if self.transposed else idx[0]).start
         return np.repeat(mean[:, None], n, axis=1) if self.transposed else np.repeat(mean[None, :], n, axis=0)
 
@@ -368,10 +470,14 @@ def load_state(
             idx = _normalise(index, shape)
             key = tuple((s.start, s.stop) for s in idx)  # slices are unhashable before Python 3.12
             if key not in cache:  # replicated shards on several local devices read once
-                cache[key] = np.asarray(sources[path].read(reader, idx, shape), dtype=dtype)
+                cache[key] = np.ascontiguousarray(sources[path].read(reader, idx, shape, dtype))
             return cache[key]
 
-        return jax.make_array_from_callback(shape, shard, cb)
+        array = jax.make_array_from_callback(shape, shard, cb)
+        # Free the host blocks now: `cb` and `cache` form a cycle that only the cyclic GC would collect, and until
+        # then every tensor's host copy (the device copy is separate for bfloat16) would pile up.
+        cache.clear()
+        return array
 
     loaded = [(p, v.replace(build(path_str(p), v))) for p, v in nnx.to_flat_state(abstract_state)]
     return nnx.from_flat_state(loaded)

@@ -45,6 +45,8 @@ from flamingo_jax.pretrained import load
 FORMAT = "flamingo_jax/nfnet"
 # haiku's jax.nn.gelu defaulted to the tanh approximation; the released weights expect exactly that.
 DEEPMIND_ACTIVATION = "scaled_gelu_tanh"
+# DeepMind's NFNet pipeline normalises images with ImageNet's statistics (MEAN_RGB / STDDEV_RGB).
+DEEPMIND_MEAN, DEEPMIND_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _CONVS = ("conv0", "conv1", "conv1b", "conv2", "conv_shortcut")
 
 
@@ -220,7 +222,14 @@ def convert(src: str | Path, out: str | Path, *, allow_pickle: bool = False) -> 
     """Converts DeepMind's NFNet file `src` into our safetensors `out`; returns the architecture."""
     params = read_deepmind_params(src, allow_pickle=allow_pickle)
     tensors, arch = convert_params(params)
-    metadata = dict(format=FORMAT, architecture=json.dumps(arch), activation=DEEPMIND_ACTIVATION, source=Path(src).name)
+    metadata = dict(
+        format=FORMAT,
+        architecture=json.dumps(arch),
+        activation=DEEPMIND_ACTIVATION,
+        image_mean=json.dumps(DEEPMIND_MEAN),
+        image_std=json.dumps(DEEPMIND_STD),
+        source=Path(src).name,
+    )
     save_file({k: np.array(v, order="C") for k, v in tensors.items()}, str(out), metadata=metadata)
     return arch
 
@@ -236,6 +245,15 @@ def read_metadata(path: str | Path) -> tuple[dict[str, Any], str]:
             f"{path} is not a converted NFNet file (metadata format {meta.get('format')!r}, expected {FORMAT!r})"
         )
     return json.loads(meta["architecture"]), meta.get("activation", DEEPMIND_ACTIVATION)
+
+
+def image_stats(path: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the converted weights expect, from the file's metadata (older files: DeepMind's, ImageNet's)."""
+    with load.TensorReader(path) as reader:
+        meta = reader.metadata
+    mean = json.loads(meta["image_mean"]) if "image_mean" in meta else DEEPMIND_MEAN
+    std = json.loads(meta["image_std"]) if "image_std" in meta else DEEPMIND_STD
+    return tuple(float(x) for x in mean), tuple(float(x) for x in std)
 
 
 def nfnet_sources(abstract_state: nnx.State, reader: load.TensorReader) -> tuple[dict[str, Any], list[str]]:

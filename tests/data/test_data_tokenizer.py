@@ -128,3 +128,57 @@ def test_pickles_as_its_path(tmp_path):
     tok2 = pickle.loads(blob)
     assert tok2.encode("a red circle<image>") == tok.encode("a red circle<image>")
     assert tokenizer_lib.IMAGE_TOKEN == "<image>" and tokenizer_lib.EOC_TOKEN == "<|endofchunk|>"
+
+
+def _hf_llama_style(tmp_path, tokens, *, template: bool, config: dict | None = None):
+    """A word-level tokenizer.json whose post-processor prepends `<s>` (LLaMA's template) or not (Qwen2's)."""
+    from tokenizers import processors
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if template:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    if config is not None:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+def test_bos_follows_the_tokenizers_own_files(tmp_path):
+    words = ["[UNK]", "<s>", "</s>", "a", "red", "circle"]
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "qwen").mkdir()
+    (tmp_path / "off").mkdir()
+    llama = Tokenizer.from_path(_hf_llama_style(tmp_path / "llama", words, template=True))
+    assert llama.adds_bos and llama.bos_id == 1
+    qwen = Tokenizer.from_path(_hf_llama_style(tmp_path / "qwen", words, template=False))
+    assert not qwen.adds_bos and qwen.bos_id == 1  # has a BOS token, but was never trained with it prepended
+    off = Tokenizer.from_path(_hf_llama_style(tmp_path / "off", words, template=True, config={"add_bos_token": False}))
+    assert not off.adds_bos  # tokenizer_config.json overrides the template, as in transformers
+    sp = Tokenizer.from_path(_sp_model(tmp_path / "t.model"))
+    assert not sp.adds_bos and sp.bos_id is not None
+
+
+def test_added_tokens_go_after_the_models_padded_rows(tmp_path):
+    words = ["[UNK]", "<|endoftext|>", "a", "red", "circle"]
+    path = _hf_json(tmp_path / "tok.json", words)
+    tok = Tokenizer.from_path(path, model_vocab_size=16)  # e.g. Qwen2: 151,665 entries, 151,936 rows
+    assert (tok.own_vocab_size, tok.base_vocab_size) == (5, 16)
+    assert (tok.image_id, tok.eoc_id) == (16, 17)
+    ids = tok.encode("<image>a red circle<|endofchunk|>")
+    assert ids[0] == 16 and ids[-1] == 17 and all(i < 5 for i in ids[1:-1])
+    tok.check_model_ids(16, NUM_ADDED_TOKENS)
+    assert pickle.loads(pickle.dumps(tok)).image_id == 16  # Grain workers see the same ids
+    with pytest.raises(TokenizerError, match=r"id 5 in the tokenizer but 16"):
+        Tokenizer.from_path(path).check_model_ids(16, NUM_ADDED_TOKENS)
+    with pytest.raises(TokenizerError, match=r"has 5 ids but the model's embedding has 4 rows.*model\.lm\.vocab_size"):
+        Tokenizer.from_path(path, model_vocab_size=4)
+
+
+def test_image_token_saved_at_another_id_than_the_models_fails(tmp_path):
+    path = _hf_json(tmp_path / "tok.json", ["[UNK]", "</s>", "a"], specials=["<image>", "<|endofchunk|>"])
+    assert Tokenizer.from_path(path, model_vocab_size=3).image_id == 3
+    with pytest.raises(TokenizerError, match=r"defines '<image>' at id 3, but the model puts it at id 8"):
+        Tokenizer.from_path(path, model_vocab_size=8)

@@ -7,11 +7,12 @@ losses, and their checkpoint resumes on another mesh.
 Each run is a real `python -m flamingo_jax.train` on the tiny demo config (tests/launch/tiny_config.py) with one
 of its four datasets: compile time grows with each dataset's forward and backward pass, and the multi-host code
 paths are the same for one (tests/launch/test_global_batches.py covers the record order for any host count). The
-runs share a persistent compilation cache, so a run that repeats an earlier program (the 1-process resume) skips
-most of its compile. The 4-process runs do without it: only process 0 writes the cache and, on CPUs, a
-multi-process program's cache key differs between processes, so process 0 alone would find a program that an
-earlier multi-process run compiled, and run ahead of the others past the 30 s within which all must meet at their
-first collective (a gloo context initialization timeout).
+1-process runs share a persistent compilation cache, so a run that repeats an earlier program (the resume) skips
+most of its compile. The 2 x 4 run is made once per session (helpers.shared_two_by_four) and also serves
+tests/launch/test_multihost_export.py. The multi-process runs do without the cache: only process 0 writes it
+and, on CPUs, a multi-process program's cache key differs between processes, so process 0 alone would find a
+program that an earlier multi-process run compiled, and run ahead of the others past the 30 s within which all
+must meet at their first collective (a gloo context initialization timeout).
 """
 
 import json
@@ -22,7 +23,6 @@ import sys
 
 import pytest
 
-from flamingo_jax.data import synthetic
 from tests.launch import helpers
 
 pytestmark = pytest.mark.slow
@@ -33,10 +33,14 @@ RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("synthetic"))
-    synthetic.prepare_synthetic(root, num_train=64, num_eval=16, image_size=32)  # as tiny_config says
-    return root
+def shared_run(tmp_path_factory):
+    """The 2 x 4 run and its data, made once per test session (tests/launch/test_multihost_export.py exports it)."""
+    return helpers.shared_two_by_four(tmp_path_factory, steps=STEPS, datasets=DATASETS)
+
+
+@pytest.fixture(scope="module")
+def data_root(shared_run) -> str:
+    return str(shared_run / "data")
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +83,9 @@ def one_by_eight(tmp_path_factory, data_root, cache_dir):
 
 
 @pytest.fixture(scope="module")
-def two_by_four(tmp_path_factory, data_root, cache_dir):
-    workdir = tmp_path_factory.mktemp("two_by_four")
-    out = launch(2, 4, workdir, data_root, cache_dir, "--config.checkpoint.every_steps=2")
-    return workdir, out
+def two_by_four(shared_run):
+    """2 processes x 4 devices, checkpoints every 2 steps (helpers.shared_two_by_four: no compilation cache)."""
+    return shared_run / "workdir", (shared_run / "train.log").read_text()
 
 
 def assert_close(got: dict[int, float], want: dict[int, float]) -> None:

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flamingo_jax.models import attention
+from flamingo_jax.models import attention, rope
 from tests import numpy_ref as ref
 
 
@@ -30,17 +30,17 @@ def test_rotary_matches_complex_rotation_and_preserves_relative_scores():
     hd, theta = 8, 10000.0
     x = np.asarray(jax.random.normal(jax.random.key(1), (1, 5, 2, hd)), np.float64)
     pos = np.arange(5)[None]
-    cos, sin = attention.rotary_tables(jnp.asarray(pos), hd, theta)
-    got = np.asarray(attention.apply_rotary(jnp.asarray(x, jnp.float32), cos, sin), np.float64)
+    cos, sin = rope.rotary_tables(jnp.asarray(pos), hd, theta)
+    got = np.asarray(rope.apply_rotary(jnp.asarray(x, jnp.float32), cos, sin), np.float64)
     # Half-split layout: pair (i, i + hd/2) rotates by angle pos * theta^(-2i/hd).
     freqs = theta ** (-np.arange(0, hd, 2) / hd)
     z = (x[..., : hd // 2] + 1j * x[..., hd // 2 :]) * np.exp(1j * pos[..., None, None] * freqs)
     want = np.concatenate([z.real, z.imag], axis=-1)
     np.testing.assert_allclose(got, want, atol=1e-5)
     # q.k after rotation depends only on the position difference.
-    shifted = attention.rotary_tables(jnp.asarray(pos + 7), hd, theta)
-    q1 = np.asarray(attention.apply_rotary(jnp.asarray(x, jnp.float32), cos, sin))
-    q2 = np.asarray(attention.apply_rotary(jnp.asarray(x, jnp.float32), *shifted))
+    shifted = rope.rotary_tables(jnp.asarray(pos + 7), hd, theta)
+    q1 = np.asarray(rope.apply_rotary(jnp.asarray(x, jnp.float32), cos, sin))
+    q2 = np.asarray(rope.apply_rotary(jnp.asarray(x, jnp.float32), *shifted))
     s1 = np.einsum("blhd,bmhd->bhlm", q1, q1)
     s2 = np.einsum("blhd,bmhd->bhlm", q2, q2)
     np.testing.assert_allclose(s1, s2, atol=1e-4)

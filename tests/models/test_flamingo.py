@@ -1,3 +1,4 @@
+import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -11,6 +12,7 @@ import pytest
 from flax import nnx
 
 from flamingo_jax import config as config_lib
+from flamingo_jax import train_step
 from flamingo_jax.models import flamingo
 from tests.models.helpers import randomize
 
@@ -112,6 +114,35 @@ def test_cached_decoding_matches_full_forward(trained_like):
         logits, cache = trained_like.decode(visual, ids[:, lo:hi], cache)
         outs.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(outs, 1), full, rtol=2e-5, atol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def vision_trains(trained_like) -> flamingo.Flamingo:
+    """`trained_like` with the vision encoder trainable (NFNet: stochastic depth at its default rate 0.1)."""
+    cfg = dataclasses.replace(trained_like.cfg, trainable=(*flamingo.DEFAULT_TRAINABLE, "vision/.*"))
+    m = flamingo.Flamingo(cfg, rngs=nnx.Rngs(0))
+    nnx.update(m, nnx.state(trained_like, nnx.Param))
+    assert m.vision_trains and m.vision.stochdepth_rate > 0
+    return m
+
+
+def test_stochastic_depth_runs_only_with_a_key_and_a_trained_vision_encoder(trained_like, vision_trains):
+    media, ids = _inputs(6)  # the other tests' shapes: eager ops already compiled
+    # The keys two training steps give one dataset (see flamingo_jax.train_step).
+    k0, k1 = (train_step.dataset_key(train_step.step_key(0, s), "m3w") for s in (0, 1))
+    # Evaluation and generation (no key) are deterministic: the frozen encoder's output.
+    evaluated = np.asarray(trained_like.encode_media(media))
+    np.testing.assert_array_equal(np.asarray(vision_trains.encode_media(media)), evaluated)
+    # Training mode: a draw per key, reproducible (resume), different between steps.
+    t0 = np.asarray(vision_trains.encode_media(media, rng=k0))
+    np.testing.assert_array_equal(np.asarray(vision_trains.encode_media(media, rng=k0)), t0)
+    t1 = np.asarray(vision_trains.encode_media(media, rng=k1))
+    assert np.abs(t0 - evaluated).max() > 1e-4 and np.abs(t1 - t0).max() > 1e-4
+    logits = np.asarray(trained_like(media, ids))
+    assert np.abs(np.asarray(vision_trains(media, ids, rng=k0)) - logits).max() > 1e-4
+    # Frozen encoder: the key is unused, bitwise.
+    np.testing.assert_array_equal(np.asarray(trained_like.encode_media(media, rng=k0)), evaluated)
+    np.testing.assert_array_equal(np.asarray(trained_like(media, ids, rng=k0)), logits)
 
 
 def test_trainable_split_and_unmatched_pattern(model):

@@ -1,9 +1,16 @@
+import dataclasses
+import json
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from flamingo_jax import sharding
 from flamingo_jax.models import lm as lm_lib
 from tests import numpy_ref as ref
 from tests.models.helpers import randomize
@@ -97,3 +104,124 @@ def test_invalid_config_names_the_field():
         lm_lib.LMConfig.from_dict(dict(SMALL, num_kv_heads=3)).validate()
     with pytest.raises(ValueError, match="family"):
         lm_lib.LMConfig.from_dict(dict(SMALL, family="bert"))
+
+
+LLAMA3 = dict(
+    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16
+)
+
+
+def test_rope_scaling_is_normalised_hashable_and_survives_json():
+    cfg = lm_lib.LMConfig.from_dict(dict(SMALL, family="llama", rope_scaling=dict(LLAMA3)))
+    assert cfg.rope_scaling == tuple(sorted(LLAMA3.items()))
+    hash(cfg)  # an lru_cache key
+    back = lm_lib.LMConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(cfg))))
+    assert back == cfg and hash(back) == hash(cfg)
+    assert lm_lib.LMConfig.from_dict(dict(SMALL, rope_scaling={"rope_type": "default"})).rope_scaling == ()
+    cfg.validate("model.lm")
+
+
+@pytest.mark.parametrize(
+    "scaling, match",
+    [
+        (dict(rope_type="longrope", factor=2.0), r"model\.lm\.rope_scaling: rope_type 'longrope' .*supported"),
+        (dict(rope_type="dynamic", factor=2.0), r"model\.lm\.rope_scaling: rope_type 'dynamic'.*sequence length"),
+        (dict(factor=2.0), r"model\.lm\.rope_scaling needs a rope_type"),
+        (dict(rope_type="yarn", factor=2.0), r"model\.lm\.rope_scaling: .*'yarn' needs \['original_max_position"),
+        (dict(LLAMA3, rope_theta=1e4), r"model\.lm\.rope_scaling: keys \['rope_theta'\].*model\.lm\.rope_theta"),
+        (dict(LLAMA3, high_freq_factor=0.5), r"model\.lm\.rope_scaling: llama3 needs high_freq_factor"),
+        (dict(rope_type="linear", factor="2"), r"model\.lm\.rope_scaling\.factor must be a number"),
+        ("linear", r"model\.lm\.rope_scaling must be a dict"),
+    ],
+)
+def test_invalid_rope_scaling_names_the_field(scaling, match):
+    with pytest.raises(ValueError, match=match):
+        lm_lib.LMConfig.from_dict(dict(SMALL, rope_scaling=scaling)).validate("model.lm")
+
+
+def test_llama3_scaling_keeps_high_divides_low_and_smooths_middle_frequencies():
+    from flamingo_jax.models import rope
+
+    # head_dim 8, theta 1e4: wavelengths 2*pi*(1, 10, 100, 1000) against bands 64/4 = 16 and 64/1 = 64.
+    inv, attention_factor = rope.inverse_frequencies(
+        8, 1e4, tuple(dict(LLAMA3, original_max_position_embeddings=64).items())
+    )
+    smooth = (64 / (2 * np.pi * 10) - 1) / 3
+    want = [1.0, (1 - smooth) * 0.1 / 8 + smooth * 0.1, 0.01 / 8, 0.001 / 8]
+    np.testing.assert_allclose(inv, want, rtol=1e-12)
+    assert attention_factor == 1.0
+
+    plain = _numpy_model(lm_lib.LMConfig.from_dict(dict(SMALL, num_kv_heads=2)), 3)
+    scaled = nnx.merge(
+        nnx.graphdef(_numpy_model(dataclasses.replace(plain.cfg, rope_scaling=LLAMA3), 0)), nnx.state(plain)
+    )
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, 43, (2, 24)))
+    a, b = (np.asarray(nnx.jit(lambda mm, x: mm(x)[0])(mm, ids)) for mm in (plain, scaled))
+    np.testing.assert_allclose(a[:, 0], b[:, 0], atol=1e-5)  # position 0 rotates by nothing either way
+    assert np.max(np.abs(a[:, 16:] - b[:, 16:])) > 1e-3
+
+
+# 8 query heads, 2 key/value heads: fewer kv heads than the 4 tensor shards (LLaMA-70B: 8 on 16).
+GQA = dict(vocab_size=40, num_layers=2, dim=32, num_heads=8, num_kv_heads=2, head_dim=4, mlp_dim=32, max_len=32)
+
+
+def _numpy_model(cfg: lm_lib.LMConfig, seed: int) -> lm_lib.DecoderLM:
+    """A DecoderLM with random NumPy weights (as `randomize`): no per-op compiles of an eager init."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: lm_lib.DecoderLM(cfg, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(seed)
+    state = jax.tree.map(
+        lambda x: jnp.asarray((0.3 * rng.standard_normal(x.shape) + (x.ndim == 1)).astype(x.dtype)), state
+    )
+    return nnx.merge(graphdef, state)
+
+
+def _sharded(m: lm_lib.DecoderLM, mesh):
+    graphdef, state = nnx.split(m)
+    shardings = sharding.state_shardings(state, mesh, sharding.DEFAULT_RULES)
+    return graphdef, jax.device_put(state, shardings)
+
+
+def test_fewer_kv_heads_than_tensor_shards_replicate_kv_and_match_one_device(capfd):
+    m = _numpy_model(lm_lib.LMConfig.from_dict(dict(GQA, qkv_bias=True)), 4)
+    ids = jnp.asarray(np.random.default_rng(4).integers(0, 43, (2, 10)))
+    graphdef, single = nnx.split(m)
+    forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x)[0])
+    step = jax.jit(lambda st, x, c: nnx.merge(graphdef, st)(x, cache=c))
+    want = forward(single, ids)
+
+    mesh = sharding.make_mesh((1, 2, 4))
+    _, state = _sharded(m, mesh)
+    attn = state["layers"]["attn"]
+    # q heads split over tensor; k/v (kernel and bias) whole on every tensor rank, embed still over fsdp.
+    assert attn["q"]["kernel"][...].sharding.spec == P(None, "fsdp", "tensor", None)
+    assert attn["q"]["bias"][...].sharding.spec == P(None, "tensor", None)
+    for x in "kv":
+        assert attn[x]["kernel"][...].sharding.spec == P(None, "fsdp", None, None)
+        assert attn[x]["bias"][...].sharding.spec == P(None, None, None)
+        assert attn[x]["kernel"][...].addressable_shards[0].data.shape == (2, 16, 2, 4)
+    capfd.readouterr()
+    with sharding.use_mesh_rules(mesh, sharding.DEFAULT_RULES):
+        compiled = forward.lower(state, ids).compile()
+        hlo, got = compiled.as_text(), compiled(state, ids)
+        cache, chunks = m.init_cache(2, 16), []
+        for lo, hi in [(0, 5), (5, 10)]:  # one compile; the second chunk attends to the cached first
+            logits, cache = step(state, ids[:, lo:hi], cache)
+            chunks.append(logits)
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(np.concatenate(chunks, 1), np.asarray(want), atol=2e-5, rtol=2e-5)
+    # Per device, the attention scores cover 1 of the 2 sequences (fsdp) and 8 / 4 = 2 query heads (tensor).
+    scores = [s for s in re.findall(r"f32\[([\d,]+),10,10\]", hlo) if "," in s]
+    assert scores and {math.prod(map(int, s.split(","))) for s in scores} == {2}, scores
+
+
+def test_other_indivisible_parameter_dims_still_fail_by_name():
+    mesh = sharding.make_mesh((1, 2, 4))
+    for field, value, what in [
+        ("mlp_dim", 30, r"mlp/\w+/kernel: dim \d \(mlp\)"),
+        ("num_heads", 6, r"attn/[qo]/kernel: dim \d \(heads\)"),
+    ]:
+        cfg = lm_lib.LMConfig.from_dict(dict(GQA, **{field: value}))
+        abstract = nnx.eval_shape(lambda cfg=cfg: lm_lib.DecoderLM(cfg, rngs=nnx.Rngs(0)))
+        with pytest.raises(sharding.ShardingError, match=rf"parameter layers/{what}.*config\.model\.lm\.{field}"):
+            sharding.state_shardings(nnx.state(abstract), mesh, sharding.DEFAULT_RULES)
