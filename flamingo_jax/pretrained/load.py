@@ -470,7 +470,7 @@ def load_state(
             idx = _normalise(index, shape)
             key = tuple((s.start, s.stop) for s in idx)  # slices are unhashable before Python 3.12
             if key not in cache:  # replicated shards on several local devices read once
-                cache[key] = np.ascontiguousarray(sources[path].read(reader, idx, shape, dtype))
+                cache[key] = np.asarray(sources[path].read(reader, idx, shape, dtype), order="C")  # keeps 0-d
             return cache[key]
 
         array = jax.make_array_from_callback(shape, shard, cb)
