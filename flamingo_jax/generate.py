@@ -158,7 +158,7 @@ def generate(
     stop = {tok.eoc_id} | ({tok.eos_id} if tok.eos_id is not None else set())
     # Never `<image>`, pad, or the LM's padding rows that no text maps to (Qwen2 has 271 of them).
     banned = [i for i in {tok.image_id, tok.pad_id} if i not in stop]
-    banned += list(range(getattr(tok, "own_vocab_size", tok.base_vocab_size), tok.base_vocab_size))
+    banned += list(range(tok.own_vocab_size, tok.base_vocab_size))
     k = max(1, int(beam))
     visual = jnp.repeat(dec.encode(media), k, axis=0)  # once; every hypothesis attends to the same image
     cache = dec.init_cache(k, len(prompt_ids) + max_new_tokens)
