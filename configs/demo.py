@@ -1,14 +1,17 @@
-"""The README's main job: a small Flamingo on the built-in synthetic data, all four dataset kinds, on CPU.
+"""Stage 2 of the README's two-stage demo: a small Flamingo on the built-in synthetic data, all four dataset
+kinds, on CPU, on top of the vision encoder that stage 1 (`configs/demo_stage1.py`) pretrained.
 
-    python -m flamingo_jax.train --config=configs/demo.py --workdir=/tmp/flamingo_demo
+    python -m flamingo_jax.recipe --config=configs/demo_two_stage.py --workdir=/tmp/flamingo_demo   # both stages
+    python -m flamingo_jax.train --config=configs/demo.py --workdir=DIR \
+        --config.model.vision_pretrained=STAGE1_RUN/encoder.safetensors                           # stage 2 alone
 
 The data (coloured shapes, moving shapes, interleaved documents, and a SentencePiece tokenizer trained on their
 text) is generated and built into ArrayRecord under `data.synthetic.root` on first use; pass `:DIR` to choose
 where (--config=configs/demo.py:/data/syn).
 
-Unlike the paper, everything trains (`model.trainable`): no pretrained LM or NFNet can be downloaded here, and a
-random NFNet (its residual branches start at zero) is a poor frozen feature extractor. With no frozen tower, the
-trainer's refusal of random frozen towers does not apply (`model.allow_random_towers` stays False).
+As in the paper, the vision encoder is frozen: its weights come from `model.vision_pretrained` (the trainer
+refuses a random frozen encoder; a random NFNet, whose residual branches start at zero, is a useless one). Unlike
+the paper, the LM trains too (`model.trainable`): no pretrained LM can be downloaded here.
 """
 
 import os
@@ -43,7 +46,7 @@ def get_config(arg=None):
         mlp_dim=512,
         max_len=256,
     )
-    c.model.trainable = (".*",)
+    c.model.trainable = ("resampler/.*", "xattn/.*", "lm/.*")  # all but the vision encoder
     c.model.dtype = "float32"  # bf16 is slower than f32 on CPUs (DESIGN.md section 4)
     c.model.frozen_param_dtype = "float32"
 
@@ -59,6 +62,6 @@ def get_config(arg=None):
         ds.max_media = 3 if name == "m3w" else 1
         ds.frames = 2 if name == "vtp" else 1
 
-    c.train.update(steps=400, log_every=10, eval_every=100, eval_batches=4)
+    c.train.update(steps=200, log_every=10, eval_every=100, eval_batches=4)
     c.optimizer.update(lr=3e-3, warmup_steps=30, schedule="warmup_cosine", end_lr=3e-4)
     return c

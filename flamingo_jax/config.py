@@ -13,6 +13,7 @@ import ml_collections
 
 from flamingo_jax import sharding
 from flamingo_jax.data.loader import default_dataset_config
+from flamingo_jax.models.contrastive import ContrastiveConfig
 from flamingo_jax.models.flamingo import DEFAULT_TRAINABLE, FlamingoConfig
 from flamingo_jax.pretrained import towers
 
@@ -41,24 +42,69 @@ def chinchilla_lm(
     )
 
 
+STAGES = ("flamingo", "contrastive")
+
+
+def nfnet_f6(image_size: int) -> dict[str, Any]:
+    """The paper's vision tower: NFNet-F6 (`model.vision`)."""
+    return dict(
+        kind="nfnet",
+        variant="F6",
+        widths=None,
+        depths=None,
+        stem_widths=None,
+        group_size=128,
+        image_size=image_size,
+        # None: the tower's own statistics and activation (its files', when vision_pretrained is set).
+        mean=None,
+        std=None,
+        activation=None,
+        stochdepth_rate=0.1,
+    )
+
+
+def contrastive_model(image_size: int = 288) -> ml_collections.ConfigDict:
+    """Stage 1's dual encoder (paper, B.1.3): NFNet-F6 from scratch at 288 px and a BERT-base-sized text encoder,
+    both projected to a 1376-d joint space. A stage-1 config sets `c.stage = 'contrastive'` and `c.model` to this."""
+    return ml_collections.ConfigDict(
+        dict(
+            vision=nfnet_f6(image_size),
+            text=dict(
+                vocab_size=32000,
+                num_layers=12,
+                dim=768,
+                num_heads=12,
+                mlp_dim=3072,
+                max_len=512,
+                type_vocab_size=0,
+                norm="post",
+                norm_eps=1e-12,
+                activation="gelu",
+                pool="cls",
+            ),
+            text_pretrained="",  # an HF BertModel directory to start the text tower from (optional)
+            embed_dim=1376,
+            init_inverse_temperature=1 / 0.07,
+            max_inverse_temperature=100.0,
+            trainable=(".*",),
+            dtype="bfloat16",
+            param_dtype="float32",
+            frozen_param_dtype="bfloat16",
+            remat="none",
+            attention="xla",
+        )
+    )
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    # 'flamingo': stage 2, the paper's main training (token NLL over the mixture). 'contrastive': stage 1, the
+    # vision encoder pretrained with a text encoder on image-text pairs (`contrastive_model()` as `model`).
+    c.stage = "flamingo"
 
     c.model = ml_collections.ConfigDict(
         dict(
-            vision=dict(
-                kind="nfnet",
-                variant="F6",
-                widths=None,
-                depths=None,
-                stem_widths=None,
-                group_size=128,
-                image_size=320,
-                # None: the tower's own statistics and activation (its files', when vision_pretrained is set).
-                mean=None,
-                std=None,
-                activation=None,
-            ),
+            vision=nfnet_f6(320),
             resampler=dict(num_layers=6, num_latents=64, num_heads=16, head_dim=128, ffw_mult=4, max_frames=8),
             xattn=dict(every=1, num_heads=16, head_dim=128, ffw_mult=4, gate_init=0.0),
             lm=chinchilla_lm(24, 2048, 16),
@@ -103,6 +149,9 @@ def base_config() -> ml_collections.ConfigDict:
             max_consecutive_skips=10,
         )
     )
+    # Stage 1's zero-shot classification: an ImageNet-style folder (one sub-directory per class, named by the
+    # class) and the prompt templates its class names are put into ('{}' -> 'red circle').
+    c.eval = ml_collections.ConfigDict(dict(zeroshot=dict(data_dir="", prompts=("{}",), batch_size=64)))
     c.optimizer = ml_collections.ConfigDict(
         dict(
             lr=1e-4,
@@ -137,13 +186,18 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def model_config(config: ml_collections.ConfigDict) -> FlamingoConfig:
-    """The typed model config, with the pretrained towers' settings read from their files."""
+def model_config(config: ml_collections.ConfigDict) -> FlamingoConfig | ContrastiveConfig:
+    """The typed model config of the config's stage; Flamingo's with the pretrained towers' settings read from
+    their files."""
+    if config.get("stage", "flamingo") == "contrastive":
+        return ContrastiveConfig.from_dict(towers.resolve_text(config.model.to_dict()))
     return FlamingoConfig.from_dict(towers.resolve(config.model.to_dict()))
 
 
 def validate(config: ml_collections.ConfigDict) -> FlamingoConfig:
     """Checks everything that can be checked without devices or data; returns the typed model config."""
+    if config.get("stage", "flamingo") not in STAGES:
+        raise ValueError(f"config.stage: {config.stage!r}; choose one of {STAGES}")
     try:
         mcfg = model_config(config)
     except TypeError as e:
@@ -183,6 +237,23 @@ def validate_mesh(config: ml_collections.ConfigDict, mcfg: FlamingoConfig, mesh_
         if micro > 1 and ds.batch_size % micro == 0:
             # A micro-batch the shards don't divide would be replicated: every rank computing all of it.
             need(f"config.data.datasets.{name}.batch_size / micro_batches ({micro})", ds.batch_size // micro, "batch")
+    if isinstance(mcfg, ContrastiveConfig):
+        need("config.model.text.num_heads", mcfg.text.num_heads, "heads")
+        need("config.model.text.dim", mcfg.text.dim, "embed")
+        need("config.model.text.mlp_dim", mcfg.text.mlp_dim, "mlp")
+        need("config.model.text.vocab_size", mcfg.text.vocab_size, "vocab")
+    else:
+        _need_flamingo(mcfg, rules, mesh_shape, need, problems)
+    if mcfg.vision.kind == "clip_vit":
+        need("config.model.vision.num_heads", mcfg.vision.num_heads, "heads")
+        need("config.model.vision.mlp_dim", mcfg.vision.mlp_dim, "mlp")
+    if problems:
+        raise ValueError(f"config.mesh ({mesh_desc}) does not fit the config:\n  " + "\n  ".join(problems))
+
+
+def _need_flamingo(
+    mcfg: FlamingoConfig, rules: sharding.Rules, mesh_shape: Mapping[str, int], need: Any, problems: list[str]
+) -> None:
     lm, xa, rs = mcfg.lm, mcfg.xattn, mcfg.resampler
     need("config.model.lm.num_heads", lm.num_heads, "heads")
     # Key/value heads that the tensor shards do not divide are replicated (sharding.REPLICATE_IF_INDIVISIBLE, as
@@ -201,8 +272,3 @@ def validate_mesh(config: ml_collections.ConfigDict, mcfg: FlamingoConfig, mesh_
     need("config.model.xattn.ffw_mult * model.lm.dim", xa.ffw_mult * lm.dim, "mlp")
     need("config.model.resampler.num_heads", rs.num_heads, "heads")
     need("config.model.resampler.ffw_mult * vision width", rs.ffw_mult * mcfg.vision.feature_dim(), "mlp")
-    if mcfg.vision.kind == "clip_vit":
-        need("config.model.vision.num_heads", mcfg.vision.num_heads, "heads")
-        need("config.model.vision.mlp_dim", mcfg.vision.mlp_dim, "mlp")
-    if problems:
-        raise ValueError(f"config.mesh ({mesh_desc}) does not fit the config:\n  " + "\n  ".join(problems))

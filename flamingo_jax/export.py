@@ -1,6 +1,7 @@
 """Export a checkpoint for inference: safetensors weights, a JSON config and the tokenizer. No pickle anywhere.
 
     python -m flamingo_jax.export --workdir=DIR [--step=N] --out=OUT [--full] [--mesh=D,F,T] [--max_file_gb=5]
+    python -m flamingo_jax.export --encoder_only --workdir=STAGE1_RUN --out=encoder.safetensors   (see export_encoder)
     python launch/local.py --num_processes=2 --module=flamingo_jax.export -- --workdir=DIR --out=OUT --full
 
     OUT/model-00001-of-0000N.safetensors  the parameters, named by path ('resampler/layers/attn/q/kernel', ...);
@@ -384,6 +385,8 @@ def export(
     config's mesh if it fits the devices (module docstring)."""
     src = checkpoint.pick(workdir, step)
     config = ml_collections.ConfigDict(src.meta["config"])
+    if config.get("stage", "flamingo") == "contrastive":
+        raise ValueError(f"{workdir} is a stage-1 (contrastive) run: export its vision encoder with --encoder_only")
     mcfg = config_lib.model_config(config)
     mcfg.validate()
     tokenizer = config.data.tokenizer
@@ -682,6 +685,13 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     # Joins the multi-process job (flags or environment, see flamingo_jax.distributed) before any device is touched.
     distributed.initialize(distributed.options_from_flags())
+    if f.encoder_only:
+        from flamingo_jax.export_encoder import export_encoder
+
+        out = distributed.run_or_die(lambda: export_encoder(f.workdir, f.out, step=f.step))
+        if jax.process_index() == 0:
+            print(f"exported the stage-1 vision encoder to {os.path.abspath(out)}")
+        return
     mesh = parse_mesh(f.mesh)
     max_bytes = int(f.max_file_gb * 1e9)
     out = distributed.run_or_die(
@@ -701,6 +711,11 @@ if __name__ == "__main__":
     flags.DEFINE_integer("step", None, "Step to export (default: the newest readable checkpoint).")
     flags.DEFINE_string("out", None, "Output directory (visible to every process).", required=True)
     flags.DEFINE_bool("full", False, "Also write the frozen towers (a self-contained model).")
+    flags.DEFINE_bool(
+        "encoder_only",
+        False,
+        "Stage-1 runs: write only the trained vision encoder, as the file config.model.vision_pretrained loads.",
+    )
     flags.DEFINE_string(
         "mesh",
         "",

@@ -23,22 +23,36 @@ from absl import app, flags, logging
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from flamingo_jax import checkpoint, config_flags, distributed, flops, optim, sharding, train_step
+from flamingo_jax import checkpoint, config_flags, distributed, flops, optim, sharding, stage1, train_step
 from flamingo_jax import config as config_lib
 from flamingo_jax.data import host_rows, synthetic
 from flamingo_jax.data import loader as data_loader
 from flamingo_jax.data.tokenizer import Tokenizer
 from flamingo_jax.metrics import MetricWriter, Progress, drop_rows_after, quiet_library_logs
-from flamingo_jax.models import flamingo
+from flamingo_jax.models import contrastive, flamingo
 from flamingo_jax.pretrained import towers
 
 _CONFIG = config_flags.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, TensorBoard and checkpoints.")
 
 
+ModelConfig = flamingo.FlamingoConfig | contrastive.ContrastiveConfig
+
+
+def is_stage1(config: ml_collections.ConfigDict) -> bool:
+    """Stage 1, the contrastive pretraining of the vision encoder (`flamingo_jax.stage1`); else Flamingo."""
+    return config.get("stage", "flamingo") == "contrastive"
+
+
+def create_model(mcfg: ModelConfig, rngs: nnx.Rngs) -> flamingo.Flamingo | contrastive.ContrastiveModel:
+    if isinstance(mcfg, contrastive.ContrastiveConfig):
+        return contrastive.ContrastiveModel(mcfg, rngs=rngs)
+    return flamingo.Flamingo(mcfg, rngs=rngs)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Config: everything that can be wrong is found here, before devices or data are touched.
-def validate(config: ml_collections.ConfigDict) -> flamingo.FlamingoConfig:
+def validate(config: ml_collections.ConfigDict) -> ModelConfig:
     mcfg = config_lib.validate(config)
     optim.validate(config.optimizer)
     checkpoint.validate(config.checkpoint)
@@ -60,6 +74,8 @@ def validate(config: ml_collections.ConfigDict) -> flamingo.FlamingoConfig:
                 f"{where}.batch_size={ds.batch_size} must be a positive multiple of "
                 f"micro_batches={ds.get('micro_batches', 1)}"
             )
+        if is_stage1(config):
+            continue
         frames = ds.get("frames", 1)
         if frames > mcfg.resampler.max_frames:
             logging.warning(
@@ -71,6 +87,8 @@ def validate(config: ml_collections.ConfigDict) -> flamingo.FlamingoConfig:
         seq_len = ds.get("seq_len", data_loader.default_dataset_config(ds.kind).seq_len)
         if seq_len > mcfg.lm.max_len:
             raise ValueError(f"{where}.seq_len={seq_len} exceeds model.lm.max_len={mcfg.lm.max_len}")
+    if is_stage1(config):
+        stage1.validate(config, mcfg)
     return mcfg
 
 
@@ -79,7 +97,7 @@ def validate(config: ml_collections.ConfigDict) -> flamingo.FlamingoConfig:
 @dataclasses.dataclass
 class Trainer:
     config: ml_collections.ConfigDict
-    mcfg: flamingo.FlamingoConfig
+    mcfg: ModelConfig
     mesh: jax.sharding.Mesh
     rules: sharding.Rules
     parts: train_step.ModelParts
@@ -97,10 +115,10 @@ def _cast_frozen(frozen: Any, dtype: str) -> Any:
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
 
 
-def build(config: ml_collections.ConfigDict, mcfg: flamingo.FlamingoConfig, mesh: jax.sharding.Mesh) -> Trainer:
+def build(config: ml_collections.ConfigDict, mcfg: ModelConfig, mesh: jax.sharding.Mesh) -> Trainer:
     """Abstract model -> parameter shardings from logical axes -> jitted init with those out_shardings."""
     rules = sharding.rules_from_config(config.sharding.rules)
-    abstract = nnx.eval_shape(lambda: flamingo.Flamingo(mcfg, rngs=nnx.Rngs(config.seed)))
+    abstract = nnx.eval_shape(lambda: create_model(mcfg, nnx.Rngs(config.seed)))
     parts, abstract_params, abstract_frozen = train_step.split_model(abstract)
     var_shardings = sharding.state_shardings(nnx.state(abstract, nnx.Param), mesh, rules)
     trainable_f = flamingo.trainable_filter(mcfg.trainable)
@@ -125,7 +143,7 @@ def optax_shardings(tx: Any, abstract_opt_state: Any, param_shardings: Any, defa
 def _random_init(tr: Trainer, skip: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
     """(trainable, frozen) parameters initialised from `config.seed`, as flat {path: array}, without the subtrees
     `skip` (pretrained towers, loaded instead). Inside `jit`, skipped weights are never computed at all."""
-    model = flamingo.Flamingo(tr.mcfg, rngs=nnx.Rngs(tr.config.seed))
+    model = create_model(tr.mcfg, nnx.Rngs(tr.config.seed))
     _, params, frozen = train_step.split_model(model)
     frozen = _cast_frozen(frozen, tr.mcfg.frozen_param_dtype)
     keep = lambda flat: {k: v for k, v in flat.items() if k.split("/")[0] not in skip}
@@ -138,12 +156,18 @@ def init_state(tr: Trainer) -> tuple[dict, Any]:
     Pretrained towers are read straight into their shards in their final dtype (`towers.load_towers`); the
     random initialisation skips them, so no tower exists twice, on the host or on the devices.
     """
-    skip = towers.pretrained_towers(tr.mcfg)
+    if is_stage1(tr.config):
+        skip = ("text",) if tr.mcfg.text_pretrained else ()
+    else:
+        skip = towers.pretrained_towers(tr.mcfg)
     param_sh, frozen_sh = checkpoint.flatten(tr.state_shardings["params"]), checkpoint.flatten(tr.frozen_shardings)
     keep = lambda flat: {k: v for k, v in flat.items() if k.split("/")[0] not in skip}
     with sharding.use_mesh_rules(tr.mesh, tr.rules):
         params, frozen = jax.jit(lambda: _random_init(tr, skip), out_shardings=(keep(param_sh), keep(frozen_sh)))()
-    pretrained = towers.load_towers(tr.mcfg, tr.mesh, tr.rules)
+    if is_stage1(tr.config):
+        pretrained = towers.load_text_tower(tr.mcfg, tr.mesh, tr.rules)
+    else:
+        pretrained = towers.load_towers(tr.mcfg, tr.mesh, tr.rules)
     params.update({k: v for k, v in pretrained.items() if k in param_sh})
     frozen.update({k: v for k, v in pretrained.items() if k in frozen_sh})
     missing = sorted((set(param_sh) | set(frozen_sh)) - set(params) - set(frozen))
@@ -185,13 +209,15 @@ def abstract_state(tr: Trainer) -> tuple[dict, Any]:
 
 def check_towers(tr: Trainer) -> None:
     """At start, before any compute: no frozen tower may stay random (unless the config allows it)."""
+    if is_stage1(tr.config):
+        return  # stage 1 trains its towers from scratch
     frozen = [flamingo.path_str(p) for p, _ in nnx.to_flat_state(tr.parts.frozen)]
     towers.check_random_towers(tr.mcfg, frozen)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Input pipeline: one Grain iterator per dataset; host batches become global arrays sharded over `batch`.
-def make_tokenizer(config: ml_collections.ConfigDict, mcfg: flamingo.FlamingoConfig) -> Tokenizer:
+def make_tokenizer(config: ml_collections.ConfigDict, mcfg: ModelConfig) -> Tokenizer:
     """The tokenizer, with Flamingo's added tokens placed after the LM's embedding rows, checked against the
     model: one source of truth for `<image>`, `<|endofchunk|>`, pad, BOS and EOS."""
     syn = config.data.synthetic
@@ -204,6 +230,10 @@ def make_tokenizer(config: ml_collections.ConfigDict, mcfg: flamingo.FlamingoCon
             image_size=syn.image_size,
             vocab_size=syn.vocab_size,
         )
+    if is_stage1(config):
+        tok = Tokenizer.from_path(config.data.tokenizer)
+        stage1.check_tokenizer(tok, mcfg, config.data.tokenizer)
+        return tok
     tok = Tokenizer.from_path(config.data.tokenizer, model_vocab_size=mcfg.lm.vocab_size)
     towers.check_tokenizer(tok, mcfg)
     for name, ds in config.data.datasets.items():
@@ -233,7 +263,7 @@ def to_global(
     return out
 
 
-MODEL_KEYS = ("media", "tokens", "targets", "loss_mask", "link_next")
+MODEL_KEYS = ("media", "tokens", "targets", "loss_mask", "link_next", "text", "text_mask", "row_mask")
 
 
 def model_batch(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -247,6 +277,13 @@ def abstract_batches(tr: Trainer, *, train: bool = True) -> dict[str, dict[str, 
     for name in tr.names:
         ds = data_loader.with_defaults(tr.config.data.datasets[name])
         b, s = int(ds.batch_size), tr.mcfg.vision.image_size
+        if is_stage1(tr.config):
+            shapes = stage1.batch_shapes(ds, s)
+            out[name] = {
+                k: jax.ShapeDtypeStruct(sh, dt, sharding=sharding.batch_sharding(tr.mesh, tr.rules, len(sh), sh))
+                for k, (sh, dt) in shapes.items()
+            }
+            continue
         frames = int(ds.frames if train or not ds.eval_frames else ds.eval_frames)
         shapes = dict(
             media=((b, int(ds.max_media), frames, s, s, 3), np.uint8),
@@ -269,7 +306,10 @@ def compile_steps(tr: Trainer) -> tuple[dict[str, Any], Any]:
     cfg = tr.config
     weights = {m: float(cfg.data.datasets[m].weight) for m in tr.names}
     micro = {m: int(cfg.data.datasets[m].get("micro_batches", 1)) for m in tr.names}
-    step = train_step.make_train_step(tr.parts, tr.tx, tr.lr, weights, micro, cfg.train.strategy, seed=cfg.seed)
+    objective = cfg.get("stage", "flamingo")
+    step = train_step.make_train_step(
+        tr.parts, tr.tx, tr.lr, weights, micro, cfg.train.strategy, seed=cfg.seed, objective=objective
+    )
     jitted = jax.jit(
         step,
         in_shardings=(tr.state_shardings, tr.frozen_shardings, None),
@@ -277,10 +317,8 @@ def compile_steps(tr: Trainer) -> tuple[dict[str, Any], Any]:
         donate_argnums=(0,),
     )
     keys = tr.names if cfg.train.strategy == "round_robin" else ["all"]
-    eval_step = jax.jit(
-        train_step.make_eval_step(tr.parts),
-        in_shardings=(tr.state_shardings["params"], tr.frozen_shardings, None),
-    )
+    make_eval = train_step.make_embed_step if is_stage1(cfg) else train_step.make_eval_step
+    eval_step = jax.jit(make_eval(tr.parts), in_shardings=(tr.state_shardings["params"], tr.frozen_shardings, None))
     return {k: jitted for k in keys}, eval_step
 
 
@@ -292,6 +330,8 @@ def step_flops(tr: Trainer, batch_shapes: Mapping[str, Mapping[str, tuple]]) -> 
 def dataset_flops(tr: Trainer, batch_shapes: Mapping[str, Mapping[str, tuple]]) -> dict[str, float]:
     """Model FLOPs of one optimiser step's work on each dataset's batch, frozen-aware: a `round_robin` step
     costs its one dataset's, the others' steps the sum."""
+    if is_stage1(tr.config):
+        return stage1.dataset_flops(tr, batch_shapes)
     p = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), tr.parts.trainable)
     f = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), tr.parts.frozen)
     p, f = nnx.to_pure_dict(p), nnx.to_pure_dict(f)
@@ -338,8 +378,9 @@ class Throughput:
         cls, flops_per_dataset: Mapping[str, float], shapes: Mapping[str, Mapping[str, tuple]]
     ) -> Throughput:
         """From `dataset_flops` and the batch shapes it was computed for."""
-        tokens = {m: math.prod(s["tokens"]) for m, s in shapes.items()}
-        return cls(dict(flops_per_dataset), tokens, {m: s["tokens"][0] for m, s in shapes.items()})
+        text = lambda s: s["tokens"] if "tokens" in s else s["text"]  # stage 2 / stage 1 batches
+        tokens = {m: math.prod(text(s)) for m, s in shapes.items()}
+        return cls(dict(flops_per_dataset), tokens, {m: text(s)[0] for m, s in shapes.items()})
 
     def add(self, names: list[str]) -> None:
         """One step, which ran the datasets `names`."""
@@ -364,6 +405,8 @@ class Throughput:
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation: held-out loss, and the same batches with images shuffled across examples.
 def evaluate(tr: Trainer, eval_step: Any, state: dict, frozen: Any, tok: Tokenizer) -> dict[str, float]:
+    if is_stage1(tr.config):  # zero-shot retrieval and classification
+        return stage1.evaluate(tr, eval_step, state, frozen, tok, to_global)
     cfg = tr.config
     iters = data_loader.make_eval_mixture(
         cfg.data,
@@ -417,6 +460,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         image_size=mcfg.vision.image_size,
         seed=config.seed,
         rows_for=host_rows.rows_for(tr.mesh, tr.rules),
+        stage=config.get("stage", "flamingo"),
     )
     # Checkpoints: continue this workdir's run from its newest usable checkpoint (state and data iterators), or
     # start from another run's parameters (fine-tuning). Frozen weights come from config, never from checkpoints.

@@ -10,6 +10,12 @@ Three strategies (the paper's ablation, section 3.3 / table 3):
 - `round_robin`: one dataset per step, in turn, its gradient weighted by lambda_m.
 - `merged`: one pooled token mean over all datasets' examples, lambda_m weighting each dataset's tokens.
 
+The objective is chosen by `config.stage` (`OBJECTIVES`): Flamingo's token NLL (stage 2), or stage 1's contrastive
+loss (`models.contrastive`), whose per-pair terms are summed exactly like token NLL terms, with pairs in place of
+tokens. A contrastive loss does not decompose over micro-batches (every pair is every other pair's negative), so
+that stage refuses `micro_batches > 1`; and under `merged` its datasets form one batch, negatives across datasets,
+each pair weighted by its dataset's lambda_m.
+
 Only trainable parameters are differentiated: the frozen towers enter as constants, so autodiff computes the
 activation gradients it needs through the frozen LM and no weight gradients at all.
 
@@ -31,7 +37,7 @@ import optax
 from flax import nnx
 
 from flamingo_jax import sharding
-from flamingo_jax.models import flamingo
+from flamingo_jax.models import contrastive, flamingo
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -81,6 +87,33 @@ def batch_nll(parts: ModelParts, params: PyTree, frozen: PyTree, batch: Batch, r
     return token_nll(logits, batch["targets"], batch["loss_mask"])
 
 
+def batch_contrastive(
+    parts: ModelParts, params: PyTree, frozen: PyTree, batch: Batch, rng: Array | None = None
+) -> Array:
+    """Sum over the batch's pairs of the two-way InfoNCE loss, each pair weighted by `row_weight` (default
+    `row_mask`); pairs with weight 0 are not negatives either."""
+    model = parts.merge(params, frozen)
+    images = batch["media"][:, 0, 0]  # pairs: one image of one frame
+    img, txt, scale = model(images, batch["text"], batch["text_mask"], rng=rng)
+    per_pair = contrastive.contrastive_loss(img, txt, scale, batch["row_mask"])
+    return jnp.sum(per_pair * batch.get("row_weight", batch["row_mask"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A stage's loss as a sum over units (tokens or pairs), and how many units a batch holds."""
+
+    loss_sum: Callable[..., Array]  # (parts, params, frozen, batch, rng) -> sum over units
+    units: Callable[[Batch], Array]  # batch -> number of units (the per-dataset mean's denominator)
+    decomposes: bool  # whether the sum over micro-batches equals the sum over the batch
+
+
+OBJECTIVES = {
+    "flamingo": Objective(batch_nll, lambda b: jnp.sum(b["loss_mask"]), decomposes=True),
+    "contrastive": Objective(batch_contrastive, lambda b: jnp.sum(b["row_mask"]), decomposes=False),
+}
+
+
 def split_micro(batch: Batch, n: int) -> Batch:
     """[B, ...] -> [n, B/n, ...], micro-batch j holding rows j, j+n, j+2n, ...
 
@@ -106,10 +139,11 @@ def dataset_grad(
     weight: Array,
     denom: Array,
     rng: Array | None = None,
+    loss_sum: Callable[..., Array] = batch_nll,
 ) -> tuple[Array, PyTree]:
-    """(sum of token NLL, gradient of weight * NLL / denom) over one dataset's batch, micro-batches scanned.
-    Micro-batch j draws from `fold_in(rng, j)`."""
-    grad_fn = jax.value_and_grad(lambda p, b, k: weight * batch_nll(parts, p, frozen, b, k) / denom)
+    """(loss sum, gradient of weight * loss sum / denom) over one dataset's batch, micro-batches scanned.
+    Micro-batch j draws from `fold_in(rng, j)`. `loss_sum`: the objective's (token NLL by default)."""
+    grad_fn = jax.value_and_grad(lambda p, b, k: weight * loss_sum(parts, p, frozen, b, k) / denom)
 
     def micro(carry: tuple[Array, PyTree], xs: tuple[Batch, Array]) -> tuple[tuple[Array, PyTree], None]:
         total, grads = carry
@@ -153,12 +187,18 @@ def mixture_grads(
     micro_batches: Mapping[str, int],
     strategy: str = "accumulate",
     rng: Array | None = None,
+    objective: str = "flamingo",
 ) -> tuple[PyTree, dict[str, Array]]:
     """The gradient of the mixture objective over `batches` (all datasets, or this step's one for
     `round_robin`), and its loss metrics. `rng`: the step's key (`step_key`), None for a deterministic pass."""
     if strategy not in STRATEGIES:
         raise ValueError(f"train.strategy: {strategy!r}; choose one of {STRATEGIES}")
-    tokens = {m: jnp.sum(b["loss_mask"]) for m, b in batches.items()}
+    obj = OBJECTIVES[objective]
+    if not obj.decomposes and any(micro_batches[m] > 1 for m in batches):
+        raise ValueError(f"the {objective} objective does not split into micro-batches; set micro_batches=1")
+    if objective == "contrastive" and strategy == "merged":
+        return _merged_contrastive(parts, params, frozen, batches, weights, rng)
+    tokens = {m: obj.units(b) for m, b in batches.items()}
     if strategy == "merged":
         pooled = jnp.maximum(sum(weights[m] * tokens[m] for m in batches), 1.0)
         denoms = {m: pooled for m in batches}
@@ -169,12 +209,50 @@ def mixture_grads(
     objective = jnp.zeros((), jnp.float32)
     for m, batch in batches.items():  # static: one traced block per dataset
         key = None if rng is None else dataset_key(rng, m)
-        nll, g = dataset_grad(parts, params, frozen, batch, micro_batches[m], jnp.float32(weights[m]), denoms[m], key)
+        nll, g = dataset_grad(
+            parts, params, frozen, batch, micro_batches[m], jnp.float32(weights[m]), denoms[m], key, obj.loss_sum
+        )
         grads = jax.tree.map(jnp.add, grads, g)
         metrics[f"train/loss/{m}"] = nll / jnp.maximum(tokens[m], 1.0)
         objective = objective + weights[m] * nll / denoms[m]
     metrics["train/loss"] = objective
-    metrics["train/tokens"] = sum(tokens.values())
+    metrics["train/tokens" if obj.decomposes else "train/pairs"] = sum(tokens.values())
+    return grads, metrics
+
+
+def _merged_contrastive(
+    parts: ModelParts,
+    params: PyTree,
+    frozen: PyTree,
+    batches: Mapping[str, Batch],
+    weights: Mapping[str, float],
+    rng: Array | None,
+) -> tuple[PyTree, dict[str, Array]]:
+    """`merged` for the contrastive stage: all datasets' pairs as one batch (negatives across datasets), the
+    loss a mean over pairs in which each pair counts lambda_m of its dataset."""
+    names = list(batches)
+    keys = ("media", "text", "text_mask", "row_mask")
+    merged = {k: jnp.concatenate([batches[m][k] for m in names]) for k in keys}
+    merged["row_weight"] = jnp.concatenate([batches[m]["row_mask"] * weights[m] for m in names])
+    merged = {k: sharding.constrain(v, ("batch",) + (None,) * (v.ndim - 1)) for k, v in merged.items()}
+    denom = jnp.maximum(jnp.sum(merged["row_weight"]), 1e-9)
+    key = None if rng is None else dataset_key(rng, "merged")
+
+    def loss(p: PyTree) -> tuple[Array, Array]:
+        model = parts.merge(p, frozen)
+        img, txt, scale = model(merged["media"][:, 0, 0], merged["text"], merged["text_mask"], rng=key)
+        per_pair = contrastive.contrastive_loss(img, txt, scale, merged["row_mask"])
+        return jnp.sum(per_pair * merged["row_weight"]) / denom, per_pair
+
+    (value, per_pair), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    metrics: dict[str, Array] = {"train/loss": value}
+    start = 0
+    for m in names:
+        n = batches[m]["row_mask"].shape[0]
+        mask = merged["row_mask"][start : start + n]
+        metrics[f"train/loss/{m}"] = jnp.sum(per_pair[start : start + n]) / jnp.maximum(jnp.sum(mask), 1.0)
+        start += n
+    metrics["train/pairs"] = jnp.sum(merged["row_mask"])
     return grads, metrics
 
 
@@ -227,6 +305,7 @@ def make_train_step(
     micro_batches: Mapping[str, int],
     strategy: str = "accumulate",
     seed: int = 0,
+    objective: str = "flamingo",
 ) -> Callable[[dict, PyTree, Mapping[str, Batch]], tuple[dict, dict[str, Array]]]:
     """`step(state, frozen, batches) -> (state, metrics)`.
 
@@ -236,10 +315,14 @@ def make_train_step(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"train.strategy: {strategy!r}; choose one of {STRATEGIES}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"stage: {objective!r}; choose one of {sorted(OBJECTIVES)}")
 
     def step(state: dict, frozen: PyTree, batches: Mapping[str, Batch]) -> tuple[dict, dict[str, Array]]:
         rng = step_key(seed, state["step"])
-        grads, metrics = mixture_grads(parts, state["params"], frozen, batches, weights, micro_batches, strategy, rng)
+        grads, metrics = mixture_grads(
+            parts, state["params"], frozen, batches, weights, micro_batches, strategy, rng, objective
+        )
         lr = lr_schedule(update_count(state))
         new_state, update_metrics = apply_update(state, grads, metrics["train/loss"], tx)
         return new_state, {**metrics, **update_metrics, "train/lr": lr}
@@ -257,5 +340,23 @@ def make_eval_step(parts: ModelParts) -> Callable[[PyTree, PyTree, Batch], dict[
             nll_shuffled=batch_nll(parts, params, frozen, shuffled),
             tokens=jnp.sum(batch["loss_mask"]),
         )
+
+    return step
+
+
+def make_embed_step(parts: ModelParts) -> Callable[[PyTree, PyTree, Batch], dict[str, Array]]:
+    """The contrastive stage's evaluation: image and text embeddings of a batch of pairs (retrieval and
+    zero-shot classification are computed from them, `flamingo_jax.evals.contrastive`)."""
+
+    def step(params: PyTree, frozen: PyTree, batch: Batch) -> dict[str, Array]:
+        model = parts.merge(params, frozen)
+        out = {}
+        if "media" in batch:
+            out["image"] = model.embed_images(batch["media"][:, 0, 0])
+        if "text" in batch:
+            out["text"] = model.embed_text(batch["text"], batch["text_mask"])
+        if "row_mask" in batch:
+            out["row_mask"] = batch["row_mask"]
+        return out
 
     return step

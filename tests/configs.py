@@ -40,3 +40,24 @@ def tiny_train_config() -> ml_collections.ConfigDict:
     c.optimizer.update(warmup_steps=0, lr=1e-2)
     c.train.steps = 10
     return c
+
+
+def tiny_contrastive_config() -> ml_collections.ConfigDict:
+    """A stage-1 (contrastive) config with two pair datasets, sized for a (2, 4, 1) mesh."""
+    from flamingo_jax.config import contrastive_model
+
+    c = base_config()
+    c.stage = "contrastive"
+    c.model = contrastive_model(image_size=32)
+    # A one-layer CLIP ViT compiles in a fraction of an NFNet's time; the loss and its sharding do not depend on
+    # the tower (tests/test_recipe.py runs stage 1 with an NFNet).
+    c.model.vision = dict(kind="clip_vit", image_size=32, patch_size=8, width=16, num_layers=1, num_heads=2, mlp_dim=32)
+    c.model.text.update(vocab_size=VOCAB + 14, num_layers=2, dim=16, num_heads=2, mlp_dim=32, max_len=16)
+    c.model.update(embed_dim=8, dtype="float32", frozen_param_dtype="float32")
+    c.data.datasets = {k: c.data.datasets[k] for k in ("ltip", "align")}
+    for ds in c.data.datasets.values():
+        ds.batch_size = 8
+        ds.seq_len = 12
+    c.optimizer.update(warmup_steps=0, lr=1e-3, weight_decay=0.0)
+    c.train.steps = 4
+    return c

@@ -21,6 +21,7 @@ def tiny_config(root: str):
 
     c = demo.get_config(root)
     c.data.synthetic.update(num_train=64, num_eval=16, image_size=32)
+    c.model.trainable = (".*",)  # no stage-1 encoder here: the tiny run trains its random NFNet
     c.model.vision.update(widths=(16, 16, 32, 32), stem_widths=(4, 8, 8), group_size=8, image_size=32)
     c.model.resampler.update(num_layers=1, num_latents=4, num_heads=2, head_dim=8)
     c.model.xattn.update(every=2, num_heads=2, head_dim=8, ffw_mult=2)

@@ -235,12 +235,15 @@ def _fake_nll(parts, params, frozen, batch, rng=None):
 
 
 def _fake_step(monkeypatch, warmup_steps=4, micro=None, seed=0):
+    import dataclasses
+
     import ml_collections
 
     from flamingo_jax import optim
     from flamingo_jax.config import base_config
 
-    monkeypatch.setattr(train_step, "batch_nll", _fake_nll)
+    fake = dataclasses.replace(train_step.OBJECTIVES["flamingo"], loss_sum=_fake_nll)
+    monkeypatch.setitem(train_step.OBJECTIVES, "flamingo", fake)
     ocfg = ml_collections.ConfigDict(base_config().optimizer.to_dict())
     ocfg.update(lr=1.0, warmup_steps=warmup_steps, schedule="warmup_constant", weight_decay=0.0)
     tx, lr = optim.make(ocfg, 100)

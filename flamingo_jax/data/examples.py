@@ -43,6 +43,19 @@ def caption_ids(caption: str, seq_len: int, tok: Tokenizer, add_bos: bool = Fals
     return head + tok.encode(caption, allow_special=False)[:budget] + [tok.eoc_id]
 
 
+def text_ids(caption: str, seq_len: int, tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """A caption for a text encoder (stage 1): `[bos] caption [eos]`, truncated to seq_len, zero padded, and its
+    mask. BOS leads whether or not the tokenizer prepends it: it is the constant first position that a BERT-style
+    encoder pools (its `[CLS]`)."""
+    head = [tok.bos_id] if tok.bos_id is not None else []
+    tail = [tok.eos_id] if tok.eos_id is not None else []
+    body = tok.encode(caption, allow_special=False)[: max(seq_len - len(head) - len(tail), 0)]
+    ids = (head + body + tail)[:seq_len]
+    out = np.zeros(seq_len, np.int32)
+    out[: len(ids)] = ids
+    return out, np.arange(seq_len) < len(ids)
+
+
 def document_ids(
     texts: Sequence[str], is_image: Sequence[bool], tok: Tokenizer, add_bos: bool = False
 ) -> tuple[list[int], list[int]]:

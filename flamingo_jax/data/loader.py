@@ -10,6 +10,13 @@ batch). A batch is a dict of numpy arrays with leading dim B = per-host batch si
     loss_mask  float32 [B, seq_len]                      0 on padding targets and `<image>` targets
     link_next  bool    [B]                               text linked to the next image (M3W, p_next)
 
+The contrastive stage (`stage='contrastive'`, pairs only) reads the same records into a text encoder's input:
+
+    media      uint8   [B, 1, 1, S, S, 3]
+    text       int32   [B, seq_len]                      `[bos] caption [eos]`, zero padded
+    text_mask  bool    [B, seq_len]
+    row_mask   float32 [B]                               0 for a record that failed to decode
+
 Determinism: the sampler's global index fixes both the record and its random stream (crop, flip, window,
 link_next), so a restored iterator state replays exactly, in any process. B is the number of this host's rows
 of the global batch (`rows`, see global_batches.py); all of it on a single host.
@@ -35,6 +42,7 @@ from flamingo_jax.data.global_batches import GlobalBatchSampler
 from flamingo_jax.data.tokenizer import Tokenizer
 
 KINDS = ("interleaved", "pairs", "video")
+STAGES = ("flamingo", "contrastive")
 
 
 def default_dataset_config(kind: str) -> ml_collections.ConfigDict:
@@ -87,7 +95,14 @@ def with_defaults(ds_cfg: Mapping[str, Any]) -> ml_collections.ConfigDict:
 class ToExample(grain.RandomMapTransform):
     """A stored record -> one example (see module docstring), plus `_valid` (False: undecodable media)."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, tok: Tokenizer, image_size: int, train: bool):
+    def __init__(
+        self, cfg: ml_collections.ConfigDict, tok: Tokenizer, image_size: int, train: bool, stage: str = "flamingo"
+    ):
+        if stage not in STAGES:
+            raise ValueError(f"stage {stage!r}; choose one of {STAGES}")
+        if stage == "contrastive" and cfg.kind != "pairs":
+            raise ValueError(f"the contrastive stage reads image-text pairs, not {cfg.kind!r} data")
+        self.stage = stage
         self.kind, self.tok, self.size, self.train = cfg.kind, tok, int(image_size), bool(train)
         self.seq_len, self.max_media, self.frames = int(cfg.seq_len), int(cfg.max_media), int(cfg.frames)
         self.fps, self.p_next = float(cfg.fps), float(cfg.p_next)
@@ -102,6 +117,8 @@ class ToExample(grain.RandomMapTransform):
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         media_rng = rng if self.train else None  # Evaluation: centre crops, no augmentation, centred clips.
+        if self.stage == "contrastive":
+            return self._pair(element, media_rng)
         media = np.zeros((self.max_media, self.frames, self.size, self.size, 3), np.uint8)
         link_next = False
         try:
@@ -134,6 +151,22 @@ class ToExample(grain.RandomMapTransform):
         out["link_next"] = np.bool_(link_next)
         out["_valid"] = np.bool_(True)
         return out
+
+    def _pair(self, element: dict[str, Any], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+        text, mask = examples.text_ids(element["caption"].decode("utf-8"), self.seq_len, self.tok)
+        media = np.zeros((1, 1, self.size, self.size, 3), np.uint8)
+        try:
+            media[0] = self._image(element["image"], rng)[:1]
+            valid = True
+        except preprocess.MediaError:
+            valid = False  # counted; the row is neither a positive nor a negative (row_mask 0)
+        return {
+            "media": media,
+            "text": text,
+            "text_mask": mask,
+            "row_mask": np.float32(valid),
+            "_valid": np.bool_(valid),
+        }
 
     def _image(self, data: bytes, rng: np.random.Generator | None) -> np.ndarray:
         img = preprocess.decode_image(data)[None]
@@ -211,8 +244,8 @@ class LoaderIterator:
         valid = np.asarray(batch.pop("_valid"))
         self.skipped += int(np.sum(~valid))
         self.batches += 1
-        n_img = np.sum(batch["tokens"] == self._image_id, axis=1)
-        if not np.array_equal(n_img, np.sum(batch["media_mask"], axis=1)):
+        n_img = np.sum(batch["tokens"] == self._image_id, axis=1) if "tokens" in batch else None
+        if n_img is not None and not np.array_equal(n_img, np.sum(batch["media_mask"], axis=1)):
             raise RuntimeError(f"{self.name}: <image> tokens {n_img} do not match media_mask (a bug).")
         return batch
 
@@ -287,6 +320,7 @@ def make_loader(
     rows: Sequence[int] | None = None,
     num_epochs: int | None = None,
     worker_count: int = 0,
+    stage: str = "flamingo",
 ) -> LoaderIterator:
     """A batched iterator over this host's rows of one split of one dataset.
 
@@ -296,7 +330,7 @@ def make_loader(
     global batch (global_batches.GlobalBatchSampler), e.g. `host_rows.batch_rows(mesh, rules, batch_size)`. Global
     batch t is the same for any process count and mesh, so losses match across topologies and a checkpoint
     resumes on another layout. A pass reads floor(N / batch_size) whole global batches (all hosts run equally
-    many steps).
+    many steps). `stage`: 'flamingo' (module docstring) or 'contrastive' (pairs for a text encoder).
     """
     cfg = with_defaults(ds_cfg)
     if not train and cfg.eval_frames:
@@ -323,7 +357,7 @@ def make_loader(
         data_source=source,
         sampler=sampler,
         operations=[
-            ToExample(cfg, tokenizer, image_size, train),
+            ToExample(cfg, tokenizer, image_size, train, stage),
             grain.Batch(sampler.host_batch_size, drop_remainder=True),
         ],
         worker_count=worker_count,
@@ -359,6 +393,7 @@ def make_mixture(
     train: bool = True,
     num_epochs: int | None = None,
     worker_count: int | None = None,
+    stage: str = "flamingo",
 ) -> dict[str, LoaderIterator]:
     """One loader per entry of `data_cfg.datasets` (name -> dataset config), keyed by name.
 
@@ -384,6 +419,7 @@ def make_mixture(
             rows=None if rows_for is None else rows_for(bs),
             num_epochs=num_epochs,
             worker_count=worker_count,
+            stage=stage,
         )
     return loaders
 
@@ -397,6 +433,7 @@ def make_eval_mixture(
     rows_for: Callable[[int], Sequence[int]] | None = None,
     batch_sizes: Mapping[str, int] | None = None,
     worker_count: int | None = None,
+    stage: str = "flamingo",
 ) -> dict[str, LoaderIterator]:
     """One single-pass evaluation loader per dataset (each dataset's `eval_split`, no augmentation)."""
     return make_mixture(
@@ -409,6 +446,7 @@ def make_eval_mixture(
         train=False,
         num_epochs=1,
         worker_count=worker_count,
+        stage=stage,
     )
 
 

@@ -10,6 +10,8 @@ writes, for each split (train, eval: held out, drawn from a different random str
     DIR/align/SPLIT/00000.tar ...                   LAION-style WebDataset (KEY.jpg, KEY.txt, KEY.json)
     DIR/vtp/SPLIT/results.csv + videos/PAGE/ID.mp4  WebVid-style CSV + mp4 (a few webm) videos
     DIR/tokenizer.model                             SentencePiece trained on the train text
+    DIR/classify/COLOUR_SHAPE/*.png                 ImageNet-style class folders, one shape per image (32
+                                                    classes), for zero-shot classification (stage 1)
 
 Every image shows 1-3 shapes (circle, square, triangle, diamond) in 8 colours on one of the 9 cells of a 3x3
 grid, and its caption says which shapes, colours, how many and where; videos show a shape moving (the caption
@@ -93,7 +95,7 @@ NAMES = ("m3w", "ltip", "align", "vtp")
 KIND_OF = {"m3w": "interleaved", "ltip": "pairs", "align": "pairs", "vtp": "video"}
 WEIGHTS = {"m3w": 1.0, "ltip": 0.2, "align": 0.2, "vtp": 0.03}  # The paper's lambda_m.
 _MARKER = "synthetic.json"
-_FORMAT_VERSION = 2  # Bump when what is generated changes, so stale preparations are rebuilt.
+_FORMAT_VERSION = 3  # Bump when what is generated changes, so stale preparations are rebuilt.
 
 
 # --- Scenes, captions, rendering. --------------------------------------------------------------------
@@ -337,6 +339,22 @@ def _write_videos(split_dir: str, n: int, size: int, rng: np.random.Generator, f
             yield caption
 
 
+def write_classification(out: str, per_class: int, size: int, rng: np.random.Generator) -> list[str]:
+    """ImageNet-style folders OUT/COLOUR_SHAPE/NNNN.png, one shape anywhere on the grid per image; returns the
+    class names ('red circle', ...), which are also how an ALIGN-style caption names them."""
+    names = []
+    for colour in COLOURS:
+        for shape in SHAPES:
+            d = _mkdir(os.path.join(out, f"{colour}_{shape}"))
+            for i in range(per_class):
+                dx, dy = rng.uniform(-0.1, 0.1, size=2)
+                s = Shape(shape, colour, int(rng.integers(9)), float(dx), float(dy), float(rng.uniform(0.55, 0.8)))
+                with open(os.path.join(d, f"{i:04d}.png"), "wb") as f:
+                    f.write(_encode(render([s], size, _background(rng)), "PNG"))
+            names.append(f"{colour} {shape}")
+    return names
+
+
 def _mkdir(path: str) -> str:
     os.makedirs(path, exist_ok=True)
     return path
@@ -371,6 +389,9 @@ def write_sources(
             if split == "train":
                 train_text.extend(texts)
     paths = {name: os.path.join(out, name) for name in NAMES}
+    classify_rng = np.random.default_rng([seed, 2])
+    write_classification(os.path.join(out, "classify"), max(num_eval // 50, 2), image_size, classify_rng)
+    paths["classify"] = os.path.join(out, "classify")
     paths["tokenizer"] = train_tokenizer(train_text, os.path.join(out, "tokenizer.model"), vocab_size)
     return paths
 
@@ -485,6 +506,7 @@ def prepare_synthetic(
         reports = {name: builders.build(KIND_OF[name], src[name], os.path.join(root, name)) for name in NAMES}
         result = {
             "tokenizer": src["tokenizer"],
+            "classify": src["classify"],
             "data_dirs": {n: os.path.join(root, n) for n in NAMES},
             "reports": {
                 n: {s: {"written": r["written"], "skipped": r["skipped"]} for s, r in rep["splits"].items()}

@@ -143,6 +143,31 @@ class VisionConfig:
                 )
 
 
+def vision_tower(
+    v: VisionConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, attention: str, remat: str, rngs: nnx.Rngs
+) -> nfnet.NFNet | vit.VisionTransformer:
+    """The vision encoder `v` describes, as a feature extractor (no classifier head): Flamingo's frozen tower,
+    and the image side of the stage-1 contrastive model."""
+    if v.kind == "clip_vit":
+        return vit.VisionTransformer(
+            v.vit_config(), dtype=dtype, param_dtype=param_dtype, attention_impl=attention, remat=remat, rngs=rngs
+        )
+    return nfnet.NFNet(
+        v.variant,
+        widths=v.widths,
+        depths=v.depths,
+        stem_widths=v.stem_widths,
+        group_size=v.group_size,
+        activation=v.activation,
+        num_classes=None,
+        stochdepth_rate=v.stochdepth_rate,
+        remat=remat,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class ResamplerConfig:
     num_layers: int = 6
@@ -256,30 +281,9 @@ class Flamingo(nnx.Module):
         self.cfg = cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         v = cfg.vision
-        if v.kind == "clip_vit":
-            self.vision = vit.VisionTransformer(
-                v.vit_config(),
-                dtype=dtype,
-                param_dtype=pdtype,
-                attention_impl=cfg.attention,
-                remat=cfg.remat,
-                rngs=rngs,
-            )
-        else:
-            self.vision = nfnet.NFNet(
-                v.variant,
-                widths=v.widths,
-                depths=v.depths,
-                stem_widths=v.stem_widths,
-                group_size=v.group_size,
-                activation=v.activation,
-                num_classes=None,
-                stochdepth_rate=v.stochdepth_rate,
-                remat=cfg.remat,
-                dtype=dtype,
-                param_dtype=pdtype,
-                rngs=rngs,
-            )
+        self.vision = vision_tower(
+            v, dtype=dtype, param_dtype=pdtype, attention=cfg.attention, remat=cfg.remat, rngs=rngs
+        )
         r = cfg.resampler
         vision_dim = v.feature_dim()
         self.resampler = resampler.PerceiverResampler(

@@ -11,6 +11,7 @@ dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -23,8 +24,8 @@ from jax.sharding import Mesh
 
 from flamingo_jax import sharding
 from flamingo_jax.data.tokenizer import Tokenizer, TokenizerError
-from flamingo_jax.models import flamingo, nfnet
-from flamingo_jax.pretrained import hf_clip, hf_lm, load, nfnet_convert
+from flamingo_jax.models import contrastive, flamingo, nfnet
+from flamingo_jax.pretrained import hf_bert, hf_clip, hf_lm, load, nfnet_convert
 
 # LM settings that are not the checkpoint's architecture: the config keeps them.
 _LM_OWN = ("max_len", "init_std")
@@ -43,6 +44,35 @@ def resolve(model: Mapping[str, Any]) -> dict[str, Any]:
     if model.get("vision_pretrained"):
         model["vision"] = _resolve_vision(model["vision_pretrained"], dict(model.get("vision") or {}))
     return model
+
+
+def resolve_text(model: Mapping[str, Any]) -> dict[str, Any]:
+    """Stage 1's model config dict with the text tower's architecture from `text_pretrained`'s HF BERT
+    `config.json` (the pooling stays the config's choice)."""
+    model = dict(model)
+    path = model.get("text_pretrained")
+    if path:
+        given = dict(model.get("text") or {})
+        files = {k: v for k, v in dataclasses.asdict(hf_bert.text_config_from_hf(path)).items() if k != "pool"}
+        _report("model.text", given, files, f"{path}/config.json")
+        model["text"] = {**given, **files}
+    return model
+
+
+def load_text_tower(mcfg: contrastive.ContrastiveConfig, mesh: Mesh, rules: sharding.Rules) -> dict[str, jax.Array]:
+    """{'text/...': array} read from `text_pretrained` (an HF `BertModel` directory) into its shards, for stage 1
+    to start from a pretrained text encoder; empty without one."""
+    if not mcfg.text_pretrained:
+        return {}
+    abstract = nnx.eval_shape(lambda: contrastive.ContrastiveModel(mcfg, rngs=nnx.Rngs(0)))
+    shardings = sharding.state_shardings(nnx.state(abstract, nnx.Param), mesh, rules)
+    state = hf_bert.load_bert_state(
+        mcfg.text_pretrained, nnx.state(abstract.text, nnx.Param), mcfg.text, shardings=shardings["text"]
+    )
+    return {
+        load.path_str(("text", *p)): var.get_value() if hasattr(var, "get_value") else var.value
+        for p, var in nnx.to_flat_state(state)
+    }
 
 
 def _report(prefix: str, given: Mapping[str, Any], files: Mapping[str, Any], source: str) -> None:

@@ -96,8 +96,8 @@ def setting_of(config: ml_collections.ConfigDict, mesh: tuple[int, int, int]) ->
 # ---------------------------------------------------------------------------------------------------------------
 # Meshes that divide the model and map onto the devices.
 @functools.lru_cache(maxsize=4)
-def abstract_params(mcfg: flamingo.FlamingoConfig) -> nnx.State:
-    return nnx.state(nnx.eval_shape(lambda: flamingo.Flamingo(mcfg, rngs=nnx.Rngs(0))), nnx.Param)
+def abstract_params(mcfg: train.ModelConfig) -> nnx.State:
+    return nnx.state(nnx.eval_shape(lambda: train.create_model(mcfg, nnx.Rngs(0))), nnx.Param)
 
 
 def _divisors(n: int) -> list[int]:

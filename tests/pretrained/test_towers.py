@@ -113,6 +113,7 @@ def _demo_like(root: str):
 
     c = demo.get_config(root)
     c.data.synthetic.update(num_train=32, num_eval=8, image_size=32)
+    c.model.trainable = (".*",)  # no stage-1 encoder here: the tiny run trains its random NFNet
     c.data.datasets = {"ltip": c.data.datasets["ltip"]}
     c.data.datasets.ltip.update(batch_size=8, seq_len=16)
     c.model.vision.update(widths=(16, 16, 32, 32), stem_widths=(4, 8, 8), group_size=8, image_size=32)
