@@ -92,7 +92,8 @@ def main(argv: list[str]) -> None:
     if jax.process_index() == 0:
         for name, metrics in results.items():
             evals = {k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith("eval/") and "/" not in k[5:]}
-            print(f"{name}: {evals}")
+            # A stage finished by an earlier run resumes at its last step and has nothing new to report.
+            print(f"{name}: {evals}" if metrics else f"{name}: finished earlier (see its metrics.jsonl)")
 
 
 if __name__ == "__main__":
