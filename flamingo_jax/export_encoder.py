@@ -29,23 +29,19 @@ from safetensors.numpy import save_file
 from flamingo_jax import checkpoint, sharding
 from flamingo_jax import config as config_lib
 from flamingo_jax.models import nfnet
-from flamingo_jax.models.contrastive import ContrastiveConfig, ContrastiveModel
+from flamingo_jax.models.contrastive import ContrastiveModel
 from flamingo_jax.pretrained import nfnet_convert
 
 
-def nfnet_architecture(mcfg: ContrastiveConfig) -> dict[str, Any]:
-    """The NFNet constructor arguments of the stage-1 vision tower, as `nfnet_convert` records them."""
-    v = mcfg.vision
-    widths, depths, _ = nfnet.resolve_architecture(v.variant, v.widths, v.depths, None)
-    stem = tuple(v.stem_widths) if v.stem_widths else (16, 32, 64)
-    if len(stem) == 3:  # as NFNet completes it
-        stem = (*stem, widths[0] // 2)
+def nfnet_architecture(vision: nfnet.NFNet, group_size: int) -> dict[str, Any]:
+    """The constructor arguments of a built (or abstract) NFNet, as `nfnet_convert` records them: read off the
+    module, so the stem widths NFNet completes from the config are the ones it actually built."""
     return dict(
-        widths=list(widths),
-        depths=list(depths),
-        stem_widths=list(stem),
-        group_size=int(v.group_size),
-        se_ratio=0.5,
+        widths=[int(w) for w in vision.widths],
+        depths=[int(d) for d in vision.depths],
+        stem_widths=[int(conv.kernel.shape[-1]) for conv in vision.stem],
+        group_size=int(group_size),
+        se_ratio=0.5,  # the NFNet defaults `flamingo.vision_tower` builds with
         num_classes=None,
         final_conv_mult=2.0,
     )
@@ -67,7 +63,8 @@ def export_encoder(workdir: str, out: str, *, step: int | None = None) -> str:
         )
     mesh = sharding.make_mesh((-1, 1, 1))  # data parallel over this job's devices: NFNet weights are replicated
     rules = sharding.rules_from_config(config.sharding.rules)
-    vision = nnx.state(nnx.eval_shape(lambda: ContrastiveModel(mcfg, rngs=nnx.Rngs(0))).vision, nnx.Param)
+    tower = nnx.eval_shape(lambda: ContrastiveModel(mcfg, rngs=nnx.Rngs(0))).vision
+    vision = nnx.state(tower, nnx.Param)
     shardings = checkpoint.flatten(nnx.to_pure_dict(sharding.state_shardings(vision, mesh, rules)))
     targets = {
         f"vision/{k}": jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
@@ -82,7 +79,7 @@ def export_encoder(workdir: str, out: str, *, step: int | None = None) -> str:
     if jax.process_index() == 0:
         metadata = dict(
             format=nfnet_convert.FORMAT,
-            architecture=json.dumps(nfnet_architecture(mcfg)),
+            architecture=json.dumps(nfnet_architecture(tower, mcfg.vision.group_size)),
             activation=mcfg.vision.activation,
             image_mean=json.dumps(list(mcfg.vision.mean)),
             image_std=json.dumps(list(mcfg.vision.std)),
